@@ -1,0 +1,21 @@
+"""pruning_lab: a small, readable toolkit behind the pruning workbook.
+
+One file per concept:
+
+- ``data``      Fashion-MNIST (or the digits fallback) as tensors, a real text corpus.
+- ``models``    LeNet-300-100, the LTH conv nets, ``load_llm`` for the embedded SmolLM2.
+- ``train``     a tensor-only training loop (no DataLoader) with a per-step hook for masks.
+- ``eval``      accuracy, perplexity, tokens/s, bytes.
+- ``workbook``  results JSON, figures, and rerunning notebooks with papermill.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__version__ = "0.1.0"
+
+
+def default_device() -> torch.device:
+    """CUDA when present, CPU otherwise."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

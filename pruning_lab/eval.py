@@ -1,0 +1,159 @@
+"""Measuring tools every chapter uses: accuracy, perplexity, tokens/s, bytes.
+
+Everything here runs under ``torch.inference_mode`` and restores the model's train/eval mode.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------- classifiers
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 5000) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of a classifier on ``(x, y)``."""
+    device = next(model.parameters()).device
+    loss_sum, correct = 0.0, 0
+    with eval_mode(model):
+        for i in range(0, len(x), batch_size):
+            xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+            logits = model(xb)
+            loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
+            correct += (logits.argmax(1) == yb).sum().item()
+    return loss_sum / len(x), correct / len(x)
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 5000) -> float:
+    """Top-1 accuracy in [0, 1]."""
+    return evaluate(model, x, y, batch_size)[1]
+
+
+# --------------------------------------------------------------------------- language models
+
+
+def perplexity(model: nn.Module, ids: torch.Tensor | str, tokenizer=None, *, seq_len: int = 512,
+               stride: int | None = None, batch_size: int = 4, max_tokens: int | None = None,
+               progress: bool = False) -> float:
+    """Perplexity of a causal LM on held-out tokens with a sliding window.
+
+    ``ids`` is a 1-D tensor of token ids (or text, with ``tokenizer``). Windows of ``seq_len``
+    tokens start every ``stride`` tokens (default: ``seq_len``, i.e. disjoint windows); in each
+    window after the first only the last ``stride`` tokens are scored, so every scored token is
+    scored once with at least ``seq_len - stride`` tokens of context. Tokens past the last full
+    window are dropped. Returns ``exp(mean negative log-likelihood)``.
+    """
+    if isinstance(ids, str):
+        if tokenizer is None:
+            raise ValueError("perplexity() got text: pass tokenizer= too, or token ids.")
+        from .data import tokenize
+
+        ids = tokenize(tokenizer, ids, max_tokens)
+    ids = ids[:max_tokens] if max_tokens else ids
+    stride = stride or seq_len
+    if not 0 < stride <= seq_len:
+        raise ValueError(f"stride={stride} must be in (0, seq_len={seq_len}].")
+    if ids.ndim != 1 or len(ids) < seq_len:
+        raise ValueError(f"Need a 1-D sequence of at least seq_len={seq_len} tokens, got shape {tuple(ids.shape)}.")
+    windows = ids.unfold(0, seq_len, stride)  # (W, seq_len), a view
+    # Position j of a window predicts token j+1; score it in the first window, or when it is new.
+    scored = torch.arange(1, seq_len) >= seq_len - stride
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    with eval_mode(model):
+        for i in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress, leave=False):
+            batch = windows[i:i + batch_size].to(device)
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
+            losses = F.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:], reduction="none")
+            mask = scored.to(device).expand_as(losses).clone()
+            if i == 0:
+                mask[0] = True
+            nll += losses[mask].double().sum().item()
+            count += int(mask.sum())
+    return float(torch.tensor(nll / count).exp())
+
+
+def tokens_per_second(model: nn.Module, *, prompt_len: int = 256, new_tokens: int = 32, batch_size: int = 1,
+                      repeats: int = 3, seed: int = 0) -> dict[str, float]:
+    """Prefill and greedy-decode throughput on random token ids, best of ``repeats`` runs.
+
+    Prefill: one forward over ``batch_size x prompt_len`` tokens. Decode: ``new_tokens`` single-token
+    steps with the KV cache. Report ratios between models measured in the same process, not the
+    absolute numbers, which depend on the machine.
+    """
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (batch_size, prompt_len), generator=g).to(device)
+    prefill, decode = float("inf"), float("inf")
+    with eval_mode(model):
+        model(input_ids=prompt[:, :8])  # warm-up
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = model(input_ids=prompt, use_cache=True)
+            t1 = time.perf_counter()
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            t2 = time.perf_counter()
+            for _ in range(new_tokens):
+                out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+                past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            t3 = time.perf_counter()
+            prefill, decode = min(prefill, t1 - t0), min(decode, t3 - t2)
+    return {"prefill_tokens_per_s": batch_size * prompt_len / prefill,
+            "decode_tokens_per_s": batch_size * new_tokens / decode}
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+def _unique_tensors(tensors):
+    seen, out = set(), []
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
+    return out
+
+
+def count_parameters(model: nn.Module, nonzero: bool = False) -> int:
+    """Number of parameters (tied weights counted once); ``nonzero=True`` counts only non-zeros."""
+    params = _unique_tensors(p.detach() for p in model.parameters())
+    return int(sum(int((p != 0).sum()) if nonzero else p.numel() for p in params))
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of parameters and buffers (tied weights counted once)."""
+    tensors = _unique_tensors([p.detach() for p in model.parameters()] + list(model.buffers()))
+    return int(sum(t.numel() * t.element_size() for t in tensors))
+
+
+def cache_bytes(past_key_values) -> int:
+    """Bytes held by a KV cache: a transformers ``Cache`` (its layers' keys/values) or nested tuples."""
+    if past_key_values is None:
+        return 0
+    if isinstance(past_key_values, torch.Tensor):
+        return past_key_values.numel() * past_key_values.element_size()
+    layers = getattr(past_key_values, "layers", None)
+    if layers is not None:
+        return sum(cache_bytes(getattr(layer, name, None)) for layer in layers for name in ("keys", "values"))
+    if isinstance(past_key_values, (list, tuple)):
+        return sum(cache_bytes(x) for x in past_key_values)
+    raise TypeError(f"Cannot measure a cache of type {type(past_key_values).__name__}.")

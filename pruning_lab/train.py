@@ -1,0 +1,103 @@
+"""A training loop for the small nets that keeps the whole data set as tensors.
+
+No DataLoader and no per-sample Python: each epoch is one seeded ``randperm`` and a slice per
+batch. ``after_step`` runs after every optimiser step — the pruning chapters pass a function that
+re-applies their masks there, so pruned weights stay exactly zero even under Adam.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .eval import accuracy, evaluate
+
+
+@dataclass
+class TrainConfig:
+    """The LTH paper's LeNet settings by default: Adam 1.2e-3, batch 60."""
+
+    iterations: int = 5000
+    batch_size: int = 60
+    lr: float = 1.2e-3
+    optimizer: str = "adam"  # "adam" or "sgd" (momentum 0.9)
+    weight_decay: float = 0.0
+    eval_every: int = 500  # validation loss/accuracy every this many iterations (0: only at the end)
+    seed: int = 0  # data order
+
+    def __post_init__(self):
+        if self.iterations < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError(f"iterations, batch_size and lr must be positive: {self}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer={self.optimizer!r}: use 'adam' or 'sgd'.")
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)  # {"iteration", "val_loss", "val_accuracy"}
+    test_accuracy: float = float("nan")
+
+    @property
+    def early_stop_iteration(self) -> int:
+        """Iteration of minimum validation loss (the LTH paper's "learns faster" measure)."""
+        return min(self.history, key=lambda h: h["val_loss"])["iteration"] if self.history else -1
+
+    @property
+    def best_val_accuracy(self) -> float:
+        return max((h["val_accuracy"] for h in self.history), default=float("nan"))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator):
+    """Endless stream of index batches: a fresh permutation each epoch, the last short batch dropped."""
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        for i in range(0, n - batch_size + 1, batch_size):
+            yield perm[i:i + batch_size]
+
+
+def train(model: nn.Module, data, cfg: TrainConfig | None = None, *,
+          after_step: Callable[[nn.Module], None] | None = None,
+          optimizer: torch.optim.Optimizer | None = None,
+          progress: bool = True, desc: str = "train") -> TrainResult:
+    """Train ``model`` on ``data`` (an ``ImageData``) for ``cfg.iterations`` steps.
+
+    Validation (``data.x_val``) is measured every ``cfg.eval_every`` steps and at the end; the
+    test set only once, at the end. Returns the history and the final test accuracy.
+    """
+    cfg = cfg or TrainConfig()
+    device = next(model.parameters()).device
+    x, y = data.x_train.to(device), data.y_train.to(device)
+    if len(x) < cfg.batch_size:
+        raise ValueError(f"batch_size={cfg.batch_size} is larger than the training set ({len(x)}).")
+    opt = optimizer or make_optimizer(model, cfg)
+    loss_fn = nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(cfg.seed)
+    result = TrainResult()
+    stream = batches(len(x), cfg.batch_size, g)
+    has_val = getattr(data, "x_val", None) is not None
+    model.train()
+    for it in tqdm(range(1, cfg.iterations + 1), desc=desc, disable=not progress, leave=False, mininterval=1.0):
+        idx = next(stream).to(device)
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x[idx]), y[idx])
+        loss.backward()
+        opt.step()
+        if after_step is not None:
+            after_step(model)
+        if has_val and ((cfg.eval_every and it % cfg.eval_every == 0) or it == cfg.iterations):
+            val_loss, val_acc = evaluate(model, data.x_val, data.y_val)
+            result.history.append({"iteration": it, "val_loss": val_loss, "val_accuracy": val_acc})
+            model.train()
+    result.test_accuracy = accuracy(model, data.x_test, data.y_test)
+    model.eval()
+    return result

@@ -1,0 +1,257 @@
+"""The notebook harness: results JSON, figures, and rerunning notebooks with papermill.
+
+In a notebook::
+
+    from pruning_lab.workbook import Recorder
+    rec = Recorder("01_global_magnitude", params=dict(sparsity=0.9, seed=0))
+    rec.record(dense_accuracy=0.89)          # results/01_global_magnitude.json, written atomically
+    rec.figure(fig, "accuracy_vs_sparsity")  # results/figures/01_global_magnitude/accuracy_vs_sparsity.png
+
+From a shell::
+
+    python -m pruning_lab.workbook list
+    python -m pruning_lab.workbook run all                  # every notebook, committed parameters, in place
+    python -m pruning_lab.workbook run 01 --params smoke    # notebooks/params/01_*.smoke.yaml -> runs/smoke/
+    python -m pruning_lab.workbook run 01 --params my.yaml -p seed 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ._io import atomic_path, plain, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+KERNEL_NAME = "pruning-lab"
+KERNEL_DISPLAY = "Python (pruning_lab)"
+
+
+def results_dir() -> Path:
+    """``$PRUNING_LAB_RESULTS`` if set (test and parameter runs use their own), else ``results/``."""
+    return Path(os.environ.get("PRUNING_LAB_RESULTS", ROOT / "results"))
+
+
+class Recorder:
+    """Collects a notebook's key numbers and writes ``results/<stem>.json`` after every change."""
+
+    def __init__(self, stem: str, params: dict | None = None):
+        self.stem = stem
+        self.path = results_dir() / f"{stem}.json"
+        self.figures = results_dir() / "figures" / stem
+        import torch
+
+        self.data: dict[str, Any] = {
+            "notebook": stem,
+            "params": plain(params or {}),
+            "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                            "device": "cuda" if torch.cuda.is_available() else "cpu",
+                            "threads": torch.get_num_threads()},
+        }
+        write_json(self.path, self.data)  # fail now, not after an hour, if the folder is not writable
+
+    def record(self, **numbers: Any) -> dict:
+        """Add or replace top-level keys and rewrite the JSON atomically."""
+        self.data.update(plain(numbers))
+        write_json(self.path, self.data)
+        return self.data
+
+    def figure(self, fig, name: str, dpi: int = 110) -> Path:
+        """Save a matplotlib figure as PNG (atomically) and return its path."""
+        path = self.figures / f"{name}.png"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+        return path
+
+
+# --------------------------------------------------------------------------- rerunning notebooks
+
+
+def notebooks() -> list[Path]:
+    return sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+
+
+def find_notebook(key: str) -> Path:
+    """``"01"``, ``"01_global_magnitude"`` or a path -> the notebook's path."""
+    path = Path(key)
+    if path.suffix == ".ipynb" and path.is_file():
+        return path.resolve()
+    hits = [nb for nb in notebooks() if nb.stem == key or nb.stem.startswith(f"{key}_")]
+    if len(hits) != 1:
+        names = ", ".join(nb.stem for nb in notebooks())
+        raise SystemExit(f"No single notebook matches {key!r}. Available: {names}.")
+    return hits[0]
+
+
+def load_params(nb: Path, params: str | None) -> tuple[dict, str | None]:
+    """Parameters from ``notebooks/params/<stem>.<params>.yaml`` or a YAML path; ``(dict, tag)``."""
+    if params is None:
+        return {}, None
+    import yaml
+
+    path = Path(params)
+    if not path.is_file():
+        path = NOTEBOOKS / "params" / f"{nb.stem}.{params}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"No parameter file {params!r}: expected a YAML path or {path}.")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise SystemExit(f"{path} must hold a mapping of parameter names to values.")
+    return values, path.stem.split(".")[-1] if path.parent == NOTEBOOKS / "params" else path.stem
+
+
+def declared_parameters(nb: Path) -> dict:
+    """Names and default values of the cell tagged ``parameters``."""
+    import papermill
+
+    return {name: info["default"] for name, info in papermill.inspect_notebook(str(nb)).items()}
+
+
+def check_parameters(nb: Path, values: dict) -> None:
+    """Refuse parameter names the notebook does not declare (papermill would only warn)."""
+    declared = declared_parameters(nb)
+    unknown = sorted(set(values) - set(declared))
+    if unknown:
+        raise SystemExit(
+            f"{nb.name} has no parameter named {', '.join(map(repr, unknown))}. "
+            f"Its parameters are: {', '.join(sorted(declared))}."
+        )
+
+
+def clean_notebook(path: Path) -> None:
+    """Make an executed notebook fit to commit: project kernelspec, no widget state, no absolute paths."""
+    nb = json.loads(path.read_text())
+    meta = nb.setdefault("metadata", {})
+    meta.pop("widgets", None)
+    meta["kernelspec"] = {"name": KERNEL_NAME, "display_name": KERNEL_DISPLAY, "language": "python"}
+    pm = meta.get("papermill", {})
+    for key in ("input_path", "output_path"):
+        if key in pm and pm[key]:
+            pm[key] = Path(pm[key]).name
+    for cell in nb.get("cells", []):
+        cell.get("metadata", {}).pop("widgets", None)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+
+
+def run_notebook(key: str, params: str | None = None, overrides: dict | None = None,
+                 out_dir: str | os.PathLike | None = None, kernel: str = KERNEL_NAME) -> Path:
+    """Execute one notebook with papermill and return the executed notebook's path.
+
+    Without ``params``/``overrides`` the notebook runs with its committed parameters, in place, and
+    records to ``results/``. Otherwise the executed copy goes to ``runs/<tag>/`` (or ``out_dir``)
+    and its results JSON beside it, so the committed run is never overwritten by a smoke run.
+    """
+    import papermill
+
+    nb = find_notebook(key)
+    values, tag = load_params(nb, params)
+    values.update(overrides or {})
+    check_parameters(nb, values)
+    in_place = not values and out_dir is None
+    if in_place:
+        target, env_results = nb, None
+    else:
+        folder = Path(out_dir) if out_dir is not None else ROOT / "runs" / (tag or "custom")
+        target, env_results = folder / nb.name, folder / "results"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    old = os.environ.get("PRUNING_LAB_RESULTS")
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    if env_results is not None:
+        os.environ["PRUNING_LAB_RESULTS"] = str(env_results)
+    fd, tmp = tempfile.mkstemp(suffix=".ipynb", dir=target.parent)
+    os.close(fd)
+    try:
+        papermill.execute_notebook(str(nb), tmp, parameters=values, kernel_name=kernel, cwd=str(nb.parent),
+                                   progress_bar=sys.stderr.isatty())
+        clean_notebook(Path(tmp))
+        os.replace(tmp, target)
+    finally:
+        if Path(tmp).exists():
+            os.unlink(tmp)
+        if env_results is not None:
+            if old is None:
+                os.environ.pop("PRUNING_LAB_RESULTS", None)
+            else:
+                os.environ["PRUNING_LAB_RESULTS"] = old
+    return target
+
+
+def check_setup(load_model: bool = True) -> dict:
+    """What the workbook needs, found or not: torch, the image data, the text corpus, the model."""
+    import warnings
+
+    import torch
+
+    from . import data, models
+    from .eval import count_parameters
+
+    report: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                              "device": "cuda" if torch.cuda.is_available() else "cpu",
+                              "threads": torch.get_num_threads()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        images = data.load_image_data()
+    report["images"] = {"name": images.name, "train": len(images.x_train), "val": len(images.x_val),
+                        "test": len(images.x_test), "warning": str(caught[0].message) if caught else None}
+    try:
+        corpus = data.python_docs_corpus()
+        report["text"] = {"name": corpus.name, "calibration_chars": len(corpus.calibration),
+                          "heldout_chars": len(corpus.heldout)}
+    except FileNotFoundError as e:
+        report["text"] = {"error": str(e)}
+    if load_model:
+        model, _ = models.load_llm()
+        cfg = model.config
+        report["model"] = {"class": type(model).__name__, "layers": cfg.num_hidden_layers,
+                           "heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
+                           "mlp": cfg.intermediate_size, "parameters": count_parameters(model)}
+    return report
+
+
+def _parse_value(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pruning_lab.workbook", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="list the notebooks and their parameters")
+    sub.add_parser("check", help="check the set-up (data, corpus, model cache) and print what was found")
+    run = sub.add_parser("run", help="execute notebooks with papermill")
+    run.add_argument("notebook", help="'all', a number like 01, a stem, or a path")
+    run.add_argument("--params", help="'smoke', 'paper', or a YAML file")
+    run.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                     help="override one parameter (value parsed as YAML)")
+    run.add_argument("--out", help="folder for the executed copies (default: in place, or runs/<tag>/)")
+    args = parser.parse_args(argv)
+
+    if args.cmd == "list":
+        for nb in notebooks():
+            print(f"{nb.stem}: " + ", ".join(f"{k}={v}" for k, v in declared_parameters(nb).items()))
+        return 0
+    if args.cmd == "check":
+        for key, value in check_setup().items():
+            print(f"{key:>7}: {value}")
+        return 0
+    overrides = {name: _parse_value(value) for name, value in args.p}
+    targets = [nb.stem for nb in notebooks()] if args.notebook == "all" else [args.notebook]
+    for key in targets:
+        print(f"== {key}", flush=True)
+        path = run_notebook(key, args.params, overrides, args.out)
+        print(f"   wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
