@@ -1,0 +1,304 @@
+"""Magnitude pruning and the workbook's one mask vocabulary.
+
+A *mask* is ``dict[str, torch.BoolTensor]``: parameter name -> tensor of the parameter's shape,
+``True`` = kept. The magnitude, lottery and structured chapters all speak it.
+
+- ``global_magnitude_masks``: one threshold over every selected weight (Global MP), with an
+  optional minimum fraction kept per layer (Gupta et al.'s "MT", which prevents layer collapse).
+- ``layerwise_magnitude_masks``: the same sparsity in every layer (the uniform baseline).
+- ``erk_masks``: Erdős–Rényi-kernel densities per layer, magnitude within each layer.
+- ``apply_masks`` zeros pruned weights in place (baking them in); ``keep_masked`` is the
+  ``after_step`` hook that keeps them exactly zero while an optimiser (Adam!) trains.
+- ``cubic_sparsity``: Zhu & Gupta's gradual schedule.
+
+Exact counts: pruning a fraction ``s`` of ``N`` weights prunes ``round(s * N)`` of them, like
+``torch.nn.utils.prune``; ties at the threshold are broken in parameter order, then index order.
+The global threshold is found by a two-pass radix select on the float bit patterns of ``|w|``,
+one layer at a time, so no concatenated copy of the scores is ever made.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+Masks = dict[str, torch.Tensor]
+Include = None | str | Iterable[str] | Callable[[str, nn.Parameter], bool]
+
+PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+# --------------------------------------------------------------------------- which weights
+
+
+def prunable_parameters(module: nn.Module, include: Include = None) -> dict[str, nn.Parameter]:
+    """The weights to prune, by parameter name.
+
+    By default the ``weight`` of every Linear and Conv layer (not biases, norms or embeddings; a
+    Linear whose weight is tied to an embedding, like a tied ``lm_head``, is left out with it).
+    ``include`` narrows or replaces the choice: a regular expression matched against parameter
+    names, an iterable of exact names, or a function ``(name, parameter) -> bool`` over all
+    parameters. Raises ``ValueError`` when nothing is selected.
+    """
+    named = dict(module.named_parameters())  # de-duplicates tied parameters
+    if include is None:
+        chosen = {}
+        for mname, mod in module.named_modules():
+            if isinstance(mod, PRUNABLE_TYPES):
+                pname = f"{mname}.weight" if mname else "weight"
+                if pname in named:
+                    chosen[pname] = named[pname]
+        if not chosen:
+            raise ValueError(f"{type(module).__name__} has no Linear or Conv weights to prune; "
+                             "pass include= to choose parameters by name.")
+        return chosen
+    if isinstance(include, str):
+        pattern = re.compile(include)
+        chosen = {n: p for n, p in named.items() if pattern.search(n)}
+    elif callable(include):
+        chosen = {n: p for n, p in named.items() if include(n, p)}
+    else:
+        names = list(include)
+        missing = [n for n in names if n not in named]
+        if missing:
+            raise ValueError(f"include names parameters that do not exist: {missing[:5]}")
+        chosen = {n: named[n] for n in names}
+    if not chosen:
+        raise ValueError(f"include={include!r} matches no parameter of {type(module).__name__}.")
+    return chosen
+
+
+def _check_sparsity(sparsity: float) -> None:
+    if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity={sparsity!r} must be a fraction in [0, 1): 0.9 prunes 90% of the weights.")
+
+
+# --------------------------------------------------------------------------- exact selection
+
+
+def _abs_bits(w: torch.Tensor) -> torch.Tensor:
+    """IEEE-754 bit patterns of |w| as int32: for non-negative floats their order is the values' order."""
+    return w.detach().float().view(torch.int32) & 0x7FFFFFFF
+
+
+def _kth_smallest_abs(tensors: list[torch.Tensor], k: int) -> torch.Tensor:
+    """The k-th smallest (1-based) |w| over all ``tensors``, by a two-pass radix select.
+
+    Pass 1 counts the top 16 bits of every bit pattern, pass 2 the low 16 bits inside the one
+    bucket that holds the k-th value. Memory: one layer's temporaries, never a global copy.
+    """
+    device = tensors[0].device
+    hist = torch.zeros(1 << 15, dtype=torch.long, device=device)
+    for w in tensors:
+        hist += torch.bincount((_abs_bits(w) >> 16).flatten(), minlength=1 << 15)
+    cum = hist.cumsum(0)
+    hi = int(torch.searchsorted(cum, torch.tensor(k, device=device)))
+    below = int(cum[hi - 1]) if hi > 0 else 0
+    hist_lo = torch.zeros(1 << 16, dtype=torch.long, device=device)
+    for w in tensors:
+        bits = _abs_bits(w).flatten()
+        hist_lo += torch.bincount(bits[(bits >> 16) == hi] & 0xFFFF, minlength=1 << 16)
+    lo = int(torch.searchsorted(hist_lo.cumsum(0), torch.tensor(k - below, device=device)))
+    return torch.tensor((hi << 16) | lo, dtype=torch.int32).view(torch.float32)
+
+
+def _prune_smallest(tensors: list[torch.Tensor], n_prune: int) -> list[torch.Tensor]:
+    """Keep-masks that prune exactly the ``n_prune`` smallest |w| over ``tensors`` (ties in order)."""
+    if n_prune <= 0:
+        return [torch.ones_like(w, dtype=torch.bool) for w in tensors]
+    total = sum(w.numel() for w in tensors)
+    if n_prune >= total:
+        return [torch.zeros_like(w, dtype=torch.bool) for w in tensors]
+    t = _kth_smallest_abs(tensors, n_prune).to(tensors[0].device)
+    below = [int((w.detach().float().abs() < t).sum()) for w in tensors]
+    quota = n_prune - sum(below)  # how many of the ties at t must go, first layers first
+    masks = []
+    for w in tensors:
+        a = w.detach().float().abs()
+        m = a > t
+        ties = a == t
+        n_ties = int(ties.sum())
+        drop = min(max(quota, 0), n_ties)
+        if drop < n_ties:  # keep the ties after the first `drop` of this layer
+            flat = ties.view(-1)
+            m.view(-1)[flat & (flat.cumsum(0) > drop)] = True
+        quota -= drop
+        masks.append(m)
+    return masks
+
+
+# --------------------------------------------------------------------------- mask makers
+
+
+def global_magnitude_masks(module: nn.Module, sparsity: float, *, min_per_layer: float = 0.0,
+                           include: Include = None) -> Masks:
+    """Global MP: prune the ``round(sparsity * N)`` smallest-magnitude weights over all layers.
+
+    ``min_per_layer`` (Gupta et al.'s minimum threshold, "MT") is the fraction of every layer
+    that must survive: layers that global MP would empty below it keep their largest
+    ``ceil(min_per_layer * n)`` weights, and the rest of the budget is pruned globally among the
+    other layers, so the total stays exact. Raises ``ValueError`` if the floor makes the target
+    unreachable. Returns ``{name: BoolTensor}`` with ``True`` = kept; the module is not changed.
+    """
+    _check_sparsity(sparsity)
+    if not 0.0 <= min_per_layer <= 1.0:
+        raise ValueError(f"min_per_layer={min_per_layer!r} must be a fraction in [0, 1].")
+    params = prunable_parameters(module, include)
+    sizes = {n: p.numel() for n, p in params.items()}
+    total = sum(sizes.values())
+    n_prune = round(sparsity * total)
+    floors = {n: math.ceil(min_per_layer * s) for n, s in sizes.items()}
+    if sum(floors.values()) > total - n_prune:
+        raise ValueError(
+            f"min_per_layer={min_per_layer} keeps at least {sum(floors.values()):,} weights, more than the "
+            f"{total - n_prune:,} that sparsity={sparsity} leaves: lower one of them."
+        )
+    fixed: dict[str, torch.Tensor] = {}  # layers held at their floor
+    with torch.no_grad():
+        while True:
+            free = [n for n in params if n not in fixed]
+            budget = n_prune - sum(sizes[n] - floors[n] for n in fixed)
+            masks = dict(zip(free, _prune_smallest([params[n] for n in free], budget))) if free else {}
+            violators = [n for n, m in masks.items() if int(m.sum()) < floors[n]]
+            if not violators:
+                break
+            for n in violators:
+                fixed[n] = _prune_smallest([params[n]], sizes[n] - floors[n])[0]
+    masks.update(fixed)
+    return {n: masks[n] for n in params}
+
+
+def masks_from_densities(module: nn.Module, densities: Mapping[str, float], include: Include = None) -> Masks:
+    """Per-layer magnitude masks keeping ``round(density * n)`` largest weights of each layer."""
+    params = prunable_parameters(module, include if include is not None else list(densities))
+    with torch.no_grad():
+        return {n: _prune_smallest([p], p.numel() - round(densities[n] * p.numel()))[0] for n, p in params.items()}
+
+
+def layerwise_magnitude_masks(module: nn.Module, sparsity: float, *, include: Include = None) -> Masks:
+    """Uniform baseline: prune ``round(sparsity * n)`` smallest weights in every layer."""
+    _check_sparsity(sparsity)
+    params = prunable_parameters(module, include)
+    with torch.no_grad():
+        return {n: _prune_smallest([p], round(sparsity * p.numel()))[0] for n, p in params.items()}
+
+
+def erk_densities(module: nn.Module, sparsity: float, *, include: Include = None) -> dict[str, float]:
+    """Erdős–Rényi-kernel densities (Evci et al., RigL): density of a layer ∝ sum(shape)/prod(shape),
+    scaled so the kept total is ``(1 - sparsity) * N``; layers that would exceed 1 stay dense."""
+    _check_sparsity(sparsity)
+    params = prunable_parameters(module, include)
+    sizes = {n: p.numel() for n, p in params.items()}
+    raw = {n: sum(p.shape) / p.numel() for n, p in params.items()}
+    keep_total = (1 - sparsity) * sum(sizes.values())
+    dense: set[str] = set()
+    while True:
+        budget = keep_total - sum(sizes[n] for n in dense)
+        denom = sum(raw[n] * sizes[n] for n in params if n not in dense)
+        eps = budget / denom if denom > 0 else 0.0
+        over = [n for n in params if n not in dense and eps * raw[n] > 1.0]
+        if not over:
+            break
+        dense.update(over)
+    return {n: 1.0 if n in dense else eps * raw[n] for n in params}
+
+
+def erk_masks(module: nn.Module, sparsity: float, *, include: Include = None) -> Masks:
+    """Magnitude masks with ERK per-layer densities."""
+    return masks_from_densities(module, erk_densities(module, sparsity, include=include))
+
+
+def random_masks(masks: Masks, seed: int = 0) -> Masks:
+    """Random masks with exactly the same number kept in every layer as ``masks`` (a baseline)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for n, m in masks.items():
+        order = torch.randperm(m.numel(), generator=g)
+        r = torch.zeros(m.numel(), dtype=torch.bool)
+        r[order[: int(m.sum())]] = True
+        out[n] = r.view_as(m).to(m.device)
+    return out
+
+
+# --------------------------------------------------------------------------- applying masks
+
+
+def _check_masks(module: nn.Module, masks: Masks) -> dict[str, nn.Parameter]:
+    named = dict(module.named_parameters())
+    for n, m in masks.items():
+        if n not in named:
+            raise ValueError(f"The mask names {n!r}, which is not a parameter of {type(module).__name__}.")
+        if m.shape != named[n].shape or m.dtype != torch.bool:
+            raise ValueError(f"The mask for {n!r} must be a bool tensor of shape {tuple(named[n].shape)}, "
+                             f"got {m.dtype} {tuple(m.shape)}.")
+    return {n: named[n] for n in masks}
+
+
+def apply_masks(module: nn.Module, masks: Masks) -> nn.Module:
+    """Zero the pruned weights in place (checks every mask before changing anything)."""
+    params = _check_masks(module, masks)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.mul_(masks[n].to(p.device, p.dtype))
+    return module
+
+
+def keep_masked(module: nn.Module, masks: Masks) -> Callable[[nn.Module], None]:
+    """An ``after_step`` hook for ``train``: re-zeroes pruned weights after every optimiser step.
+
+    Zeroing gradients is not enough: Adam's moments, built before pruning, would regrow the
+    weights. One fused multiply over all masked tensors keeps them exactly zero.
+    """
+    params = _check_masks(module, masks)
+    tensors = list(params.values())
+    factors = [masks[n].to(p.device, p.dtype) for n, p in params.items()]
+
+    def hook(_model: nn.Module) -> None:
+        with torch.no_grad():
+            torch._foreach_mul_(tensors, factors)
+
+    return hook
+
+
+def sparsity(masks: Masks) -> float:
+    """Fraction pruned over all masks."""
+    total = sum(m.numel() for m in masks.values())
+    return 1.0 - sum(int(m.sum()) for m in masks.values()) / total if total else 0.0
+
+
+def sparsity_report(masks: Masks) -> list[dict]:
+    """One row per layer: name, size, kept, sparsity."""
+    return [{"name": n, "shape": list(m.shape), "numel": m.numel(), "kept": int(m.sum()),
+             "sparsity": 1.0 - int(m.sum()) / m.numel()} for n, m in masks.items()]
+
+
+def plot_sparsity(report: list[dict] | Masks, ax=None, label: str | None = None, **bar_kwargs):
+    """Bar plot of per-layer sparsity (accepts a report or masks)."""
+    import matplotlib.pyplot as plt
+
+    rows = sparsity_report(report) if isinstance(report, dict) else report
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(4, 0.35 * len(rows) + 2), 3))
+    ax.bar(range(len(rows)), [r["sparsity"] for r in rows], label=label, **bar_kwargs)
+    ax.set_xticks(range(len(rows)), [r["name"].removesuffix(".weight") for r in rows], rotation=90, fontsize=7)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("sparsity (fraction pruned)")
+    return ax
+
+
+# --------------------------------------------------------------------------- gradual pruning
+
+
+def cubic_sparsity(step: int, final_sparsity: float, *, initial_sparsity: float = 0.0, start: int = 0,
+                   n_prunes: int = 10, frequency: int = 100) -> float:
+    """Zhu & Gupta (2017): s_t = s_f + (s_i - s_f) (1 - (t - t0) / (n Δt))^3, held at s_i before t0
+    and at s_f after t0 + n Δt."""
+    _check_sparsity(final_sparsity)
+    if n_prunes < 1 or frequency < 1:
+        raise ValueError(f"n_prunes={n_prunes} and frequency={frequency} must be positive.")
+    progress = min(max((step - start) / (n_prunes * frequency), 0.0), 1.0)
+    return final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - progress) ** 3
