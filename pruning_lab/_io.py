@@ -15,13 +15,14 @@ from typing import Any, Iterator
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(path.parent, os.W_OK):
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
         raise PermissionError(
-            f"Cannot write to {path.parent}: the folder is not writable. "
-            "Choose another folder (e.g. set PRUNING_LAB_RESULTS) or fix its permissions."
-        )
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            f"Cannot write to {path.parent} ({e.strerror or e}): choose a writable folder "
+            "(for results, set PRUNING_LAB_RESULTS) or fix its permissions. Nothing was written."
+        ) from e
     os.close(fd)
     tmp = Path(tmp)
     try:

@@ -7,6 +7,7 @@ A *mask* is ``dict[str, torch.BoolTensor]``: parameter name -> tensor of the par
   optional minimum fraction kept per layer (Gupta et al.'s "MT", which prevents layer collapse).
 - ``layerwise_magnitude_masks``: the same sparsity in every layer (the uniform baseline).
 - ``erk_masks``: Erdős–Rényi-kernel densities per layer, magnitude within each layer.
+- ``prune_remaining``: prune a fraction of the weights a mask still keeps (iterative pruning, LTH).
 - ``apply_masks`` zeros pruned weights in place (baking them in); ``keep_masked`` is the
   ``after_step`` hook that keeps them exactly zero while an optimiser (Adam!) trains.
 - ``cubic_sparsity``: Zhu & Gupta's gradual schedule.
@@ -221,6 +222,46 @@ def random_masks(masks: Masks, seed: int = 0) -> Masks:
         r = torch.zeros(m.numel(), dtype=torch.bool)
         r[order[: int(m.sum())]] = True
         out[n] = r.view_as(m).to(m.device)
+    return out
+
+
+def prune_remaining(module: nn.Module, masks: Masks, fraction: float | Mapping[str, float], *,
+                    scope: str = "layerwise") -> Masks:
+    """Prune a further ``fraction`` of the weights that ``masks`` still keep (iterative pruning).
+
+    Pruned weights stay pruned; among the survivors the ``round(fraction * kept)`` smallest |w|
+    are removed, per layer (``scope="layerwise"``; ``fraction`` may then be a dict name -> fraction)
+    or over all the masked layers at once (``scope="global"``, one float). Only the surviving
+    values are ranked, so weights that were already pruned never compete. Returns new masks.
+    """
+    if scope not in ("layerwise", "global"):
+        raise ValueError(f"scope={scope!r}: use 'layerwise' or 'global'.")
+    if isinstance(fraction, Mapping):
+        if scope == "global":
+            raise ValueError("scope='global' prunes one fraction over all layers: pass a float.")
+        missing = [n for n in masks if n not in fraction]
+        if missing:
+            raise ValueError(f"fraction has no entry for {missing[:5]}.")
+        rates = {n: fraction[n] for n in masks}
+    else:
+        rates = {n: fraction for n in masks}
+    for n, f in rates.items():
+        if not isinstance(f, (int, float)) or not 0.0 <= f < 1.0:
+            raise ValueError(f"fraction={f!r} for {n!r} must be in [0, 1): 0.2 prunes 20% of the remaining weights.")
+    params = _check_masks(module, masks)
+    with torch.no_grad():
+        survivors = {n: params[n].detach()[masks[n].to(params[n].device)] for n in masks}
+        if scope == "global":
+            f = next(iter(rates.values()), 0.0)
+            kept = _prune_smallest(list(survivors.values()), round(f * sum(s.numel() for s in survivors.values())))
+            keep = dict(zip(survivors, kept))
+        else:
+            keep = {n: _prune_smallest([s], round(rates[n] * s.numel()))[0] for n, s in survivors.items()}
+        out = {}
+        for n, m in masks.items():
+            new = m.clone()
+            new[m] = keep[n].to(m.device)
+            out[n] = new
     return out
 
 

@@ -165,6 +165,17 @@ def embedded_model_folder(rebuild: bool = False) -> Path:
     return folder
 
 
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """A quick check, so that an offline machine fails in seconds rather than after the hub's retries."""
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_llm(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtype | str | None = None,
              device: str | torch.device | None = None, device_map: str | dict | None = None):
     """Return ``(model, tokenizer)`` of a causal LM, in eval mode.
@@ -201,6 +212,8 @@ def load_llm(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtyp
     else:
         path = Path(name_or_path)
         src, extra = (str(path.parent), {"gguf_file": path.name}) if path.suffix == ".gguf" else (str(name_or_path), {})
+        if not path.exists() and (os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable()):
+            extra["local_files_only"] = True  # fail at once from the local HF cache, not after minutes of retries
         try:
             tok = AutoTokenizer.from_pretrained(src, **extra)
             model = AutoModelForCausalLM.from_pretrained(src, **kwargs, **extra)

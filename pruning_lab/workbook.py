@@ -57,11 +57,10 @@ class Recorder:
         }
         write_json(self.path, self.data)  # fail now, not after an hour, if the folder is not writable
 
-    def record(self, **numbers: Any) -> dict:
+    def record(self, **numbers: Any) -> None:
         """Add or replace top-level keys and rewrite the JSON atomically."""
         self.data.update(plain(numbers))
         write_json(self.path, self.data)
-        return self.data
 
     def figure(self, fig, name: str, dpi: int = 110) -> Path:
         """Save a matplotlib figure as PNG (atomically) and return its path."""
@@ -216,6 +215,22 @@ def check_setup(load_model: bool = True) -> dict:
     return report
 
 
+def install_kernel() -> Path:
+    """Register this interpreter as the ``pruning-lab`` kernel inside its own prefix (not ``--user``).
+
+    The kernelspec pins the inline plotting backend, so executed notebooks keep their figures even
+    when the calling shell sets ``MPLBACKEND=Agg`` for headless scripts and tests.
+    """
+    from ipykernel.kernelspec import install
+
+    folder = Path(install(kernel_name=KERNEL_NAME, display_name=KERNEL_DISPLAY, prefix=sys.prefix))
+    spec = json.loads((folder / "kernel.json").read_text())
+    spec["env"] = {"MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+    with atomic_path(folder / "kernel.json") as tmp:
+        tmp.write_text(json.dumps(spec, indent=1) + "\n")
+    return folder
+
+
 def _parse_value(text: str):
     import yaml
 
@@ -227,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="list the notebooks and their parameters")
+    sub.add_parser("install-kernel", help="register the venv's Jupyter kernel 'pruning-lab'")
     sub.add_parser("check", help="check the set-up (data, corpus, model cache) and print what was found")
     run = sub.add_parser("run", help="execute notebooks with papermill")
     run.add_argument("notebook", help="'all', a number like 01, a stem, or a path")
@@ -239,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "list":
         for nb in notebooks():
             print(f"{nb.stem}: " + ", ".join(f"{k}={v}" for k, v in declared_parameters(nb).items()))
+        return 0
+    if args.cmd == "install-kernel":
+        print(f"installed kernel {KERNEL_NAME!r} in {install_kernel()}")
         return 0
     if args.cmd == "check":
         for key, value in check_setup().items():

@@ -1,0 +1,140 @@
+"""pruning_lab.eval and pruning_lab.train: hand-computed perplexities, byte counts, the tensor-only loop."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from pruning_lab import eval as ev
+from pruning_lab.data import load_image_data
+from pruning_lab.models import make_model, tiny_llama
+from pruning_lab.train import TrainConfig, train
+
+
+class TableLM(nn.Module):
+    """A causal 'LM' whose next-token logits are a fixed function of the current token."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = nn.Parameter(table)
+
+    def forward(self, input_ids, use_cache=False):
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+def test_uniform_model_has_perplexity_equal_to_vocab_size():
+    model = TableLM(torch.zeros(7, 7))
+    ids = torch.randint(0, 7, (100,), generator=torch.Generator().manual_seed(0))
+    assert ev.perplexity(model, ids, seq_len=10) == pytest.approx(7.0, rel=1e-6)
+    assert ev.perplexity(model, ids, seq_len=10, stride=3) == pytest.approx(7.0, rel=1e-6)
+
+
+def test_perfect_and_hand_computed_bigram_perplexity():
+    # tokens cycle 0,1,2,0,1,2,...: a model that puts all mass on (t+1)%3 is perfect
+    ids = torch.arange(60) % 3
+    perfect = torch.full((3, 3), -1e9)
+    perfect[torch.arange(3), (torch.arange(3) + 1) % 3] = 0.0
+    assert ev.perplexity(TableLM(perfect), ids, seq_len=6) == pytest.approx(1.0)
+    # a model giving the right token probability 1/2 everywhere: perplexity 2
+    half = torch.full((3, 3), math.log(0.25))
+    half[torch.arange(3), (torch.arange(3) + 1) % 3] = math.log(0.5)
+    assert ev.perplexity(TableLM(half), ids, seq_len=6, stride=2) == pytest.approx(2.0, rel=1e-6)
+
+
+def test_sliding_window_scores_each_token_once_with_context():
+    """With stride s, windows after the first score only their last s tokens: compare by hand."""
+    model = tiny_llama(seed=1)
+    ids = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(1))
+    seq_len, stride = 16, 8
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for w, start in enumerate(range(0, len(ids) - seq_len + 1, stride)):
+            win = ids[start:start + seq_len][None]
+            logp = model(input_ids=win).logits[0, :-1].log_softmax(-1)
+            tok_nll = -logp.gather(1, win[0, 1:, None])[:, 0]
+            keep = tok_nll if w == 0 else tok_nll[-stride:]
+            nll += keep.double().sum().item()
+            n += len(keep)
+    expected = math.exp(nll / n)
+    got = ev.perplexity(model, ids, seq_len=seq_len, stride=stride, batch_size=2)
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_perplexity_bad_input():
+    model = TableLM(torch.zeros(5, 5))
+    with pytest.raises(ValueError, match="at least seq_len"):
+        ev.perplexity(model, torch.arange(5) % 5, seq_len=10)
+    with pytest.raises(ValueError, match="stride"):
+        ev.perplexity(model, torch.arange(50) % 5, seq_len=10, stride=20)
+    with pytest.raises(ValueError, match="tokenizer"):
+        ev.perplexity(model, "some text")
+
+
+def test_bytes_and_parameter_counts_by_hand():
+    lin = nn.Linear(3, 2)
+    assert ev.model_bytes(lin) == (3 * 2 + 2) * 4
+    assert ev.count_parameters(lin) == 8
+    with torch.no_grad():
+        lin.weight[0].zero_()
+    assert ev.count_parameters(lin, nonzero=True) == 8 - 3 - (lin.bias == 0).sum().item()
+    m = tiny_llama()
+    cfg = m.config
+    # tied lm_head counted once
+    assert ev.count_parameters(m) == sum(p.numel() for p in m.parameters())
+    assert ev.count_parameters(m) < sum(p.numel() for p in m.state_dict().values())
+
+
+def test_cache_bytes_of_a_real_kv_cache():
+    m = tiny_llama()
+    cfg = m.config
+    out = m(input_ids=torch.arange(12)[None].repeat(2, 1), use_cache=True)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    expected = 2 * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * 12 * head_dim * 4  # k+v, fp32
+    assert ev.cache_bytes(out.past_key_values) == expected
+    assert ev.cache_bytes(None) == 0
+
+
+def test_tokens_per_second_measures_both_phases():
+    speed = ev.tokens_per_second(tiny_llama(), prompt_len=16, new_tokens=4, repeats=1)
+    assert speed["prefill_tokens_per_s"] > 0 and speed["decode_tokens_per_s"] > 0
+
+
+def test_eval_mode_restores_training_flag():
+    m = make_model("lenet")
+    m.train()
+    ev.evaluate(m, torch.zeros(4, 1, 28, 28), torch.zeros(4, dtype=torch.long))
+    assert m.training
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    d = load_image_data(val_size=1000, seed=0)
+    return d.__class__(**{**d.__dict__, "x_train": d.x_train[:6000], "y_train": d.y_train[:6000]})
+
+
+def test_training_learns_and_is_reproducible(small_data):
+    cfg = TrainConfig(iterations=200, eval_every=100, seed=0)
+    a, b = make_model("lenet", seed=0), make_model("lenet", seed=0)
+    ra = train(a, small_data, cfg, progress=False)
+    rb = train(b, small_data, cfg, progress=False)
+    assert ra.test_accuracy > 0.7  # far above chance (0.1) after 200 Adam steps
+    assert [h["iteration"] for h in ra.history] == [100, 200]
+    assert ra.early_stop_iteration in (100, 200)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert ra.history == rb.history
+
+
+def test_after_step_runs_every_step(small_data):
+    calls = []
+    train(make_model("lenet"), small_data, TrainConfig(iterations=7, eval_every=0), progress=False,
+          after_step=lambda m: calls.append(1))
+    assert len(calls) == 7
+
+
+def test_bad_training_config():
+    with pytest.raises(ValueError, match="positive"):
+        TrainConfig(iterations=0)
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="lbfgs")

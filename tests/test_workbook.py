@@ -1,0 +1,123 @@
+"""The notebook harness: results JSON, parameter checks, papermill reruns, the welcome notebook."""
+
+import json
+import math
+
+import nbformat
+import pytest
+
+from pruning_lab import workbook
+from pruning_lab._io import write_json
+
+
+def test_recorder_writes_plain_json_atomically(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("PRUNING_LAB_RESULTS", str(tmp_path))
+    rec = workbook.Recorder("99_demo", params={"a": 1})
+    rec.record(x=torch.tensor(0.5), curve=[{"s": 0.1, "ppl": math.inf}], nested={"n": (1, 2)})
+    saved = json.loads((tmp_path / "99_demo.json").read_text())
+    assert saved["x"] == 0.5 and saved["curve"][0]["ppl"] is None and saved["nested"]["n"] == [1, 2]
+    assert saved["params"] == {"a": 1} and "torch" in saved["environment"]
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
+
+
+def test_unwritable_results_folder_is_one_clear_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("I am a file, not a folder")
+    monkeypatch.setenv("PRUNING_LAB_RESULTS", str(blocker / "results"))
+    with pytest.raises(PermissionError, match="PRUNING_LAB_RESULTS"):
+        workbook.Recorder("99_demo")
+    assert blocker.read_text() == "I am a file, not a folder"
+
+
+def test_failed_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "r.json"
+    write_json(path, {"ok": 1})
+    with pytest.raises(TypeError):
+        write_json(path, {"bad": object()})
+    assert json.loads(path.read_text()) == {"ok": 1}
+
+
+def make_notebook(path, params_src="n = 3\nlabel = 'x'\n"):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": workbook.KERNEL_NAME, "display_name": "x", "language": "python"}
+    p = nbformat.v4.new_code_cell(params_src)
+    p.metadata["tags"] = ["parameters"]
+    body = nbformat.v4.new_code_cell(
+        "from pruning_lab.workbook import Recorder\n"
+        "rec = Recorder('98_tiny', params=dict(n=n, label=label))\n"
+        "rec.record(square=n * n)\nprint(label * n)"
+    )
+    nb.cells = [p, body]
+    nbformat.write(nb, path)
+    return path
+
+
+def test_unknown_parameter_is_refused_before_running(tmp_path):
+    nb = make_notebook(tmp_path / "98_tiny.ipynb")
+    assert workbook.declared_parameters(nb) == {"n": "3", "label": "'x'"}
+    with pytest.raises(SystemExit, match="no parameter named 'nn'.*n, label|no parameter named 'nn'.*label, n"):
+        workbook.check_parameters(nb, {"nn": 4})
+    with pytest.raises(SystemExit, match="no parameter named 'nn'"):
+        workbook.run_notebook(str(nb), overrides={"nn": 4}, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out" / "98_tiny.ipynb").exists()
+
+
+def test_run_notebook_with_overrides_records_beside_the_copy(tmp_path):
+    nb = make_notebook(tmp_path / "98_tiny.ipynb")
+    before = nb.read_text()
+    out = workbook.run_notebook(str(nb), overrides={"n": 4}, out_dir=tmp_path / "out")
+    assert nb.read_text() == before  # the source notebook is untouched
+    assert json.loads((tmp_path / "out" / "results" / "98_tiny.json").read_text())["square"] == 16
+    executed = nbformat.read(out, as_version=4)
+    assert executed.metadata.kernelspec.name == workbook.KERNEL_NAME
+    assert "widgets" not in executed.metadata
+    assert "xxxx" in "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
+
+
+def test_yaml_params_and_cli(tmp_path, capsys):
+    nb = make_notebook(tmp_path / "98_tiny.ipynb")
+    (tmp_path / "bad.yaml").write_text("n: 2\nwrong: 1\n")
+    with pytest.raises(SystemExit, match="wrong"):
+        workbook.main(["run", str(nb), "--params", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="No parameter file"):
+        workbook.load_params(nb, "nonexistent")
+    with pytest.raises(SystemExit, match="No single notebook"):
+        workbook.find_notebook("77")
+
+
+def test_every_notebook_follows_the_conventions():
+    import yaml
+
+    nbs = workbook.notebooks()
+    assert [nb.stem for nb in nbs][0] == "00_welcome"
+    for path in nbs:
+        nb = json.loads(path.read_text())
+        assert nb["metadata"]["kernelspec"]["name"] == workbook.KERNEL_NAME, path
+        assert "widgets" not in nb["metadata"], path
+        code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+        params = [c for c in code if "parameters" in c["metadata"].get("tags", [])]
+        assert len(params) == 1, f"{path.name}: one cell tagged 'parameters'"
+        assert any(c.get("outputs") for c in code), f"{path.name} is committed without outputs"
+        declared = workbook.declared_parameters(path)
+        for kind in ("smoke", "paper"):
+            yml = workbook.NOTEBOOKS / "params" / f"{path.stem}.{kind}.yaml"
+            values = yaml.safe_load(yml.read_text()) or {}
+            assert set(values) <= set(declared), f"{yml.name}: unknown {set(values) - set(declared)}"
+        assert (workbook.ROOT / "results" / f"{path.stem}.json").is_file(), f"no committed results for {path.stem}"
+
+
+def test_welcome_smoke_run(smoke_runs):
+    results, executed = smoke_runs("00_welcome")
+    setup = results["setup"]
+    assert setup["images"]["name"] == "fashion-mnist" and setup["images"]["test"] == 10000
+    assert setup["text"]["heldout_chars"] > 200_000
+    assert results["params"]["load_model"] is False and "model" not in setup
+
+
+def test_committed_welcome_results():
+    saved = json.loads((workbook.ROOT / "results" / "00_welcome.json").read_text())
+    model = saved["setup"]["model"]
+    assert (model["layers"], model["heads"], model["kv_heads"], model["mlp"]) == (30, 9, 3, 1536)
+    assert model["parameters"] == 134_515_008
