@@ -343,3 +343,51 @@ def cubic_sparsity(step: int, final_sparsity: float, *, initial_sparsity: float 
         raise ValueError(f"n_prunes={n_prunes} and frequency={frequency} must be positive.")
     progress = min(max((step - start) / (n_prunes * frequency), 0.0), 1.0)
     return final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - progress) ** 3
+
+
+MASK_MAKERS: dict[str, Callable[..., Masks]] = {
+    "global": global_magnitude_masks,
+    "layerwise": layerwise_magnitude_masks,
+    "erk": erk_masks,
+}
+
+
+def magnitude_masks(module: nn.Module, sparsity: float, method: str = "global", **kwargs) -> Masks:
+    """Dispatch by name: ``"global"``, ``"layerwise"`` (uniform) or ``"erk"``."""
+    if method not in MASK_MAKERS:
+        raise ValueError(f"Unknown magnitude method {method!r}: choose one of {sorted(MASK_MAKERS)}.")
+    return MASK_MAKERS[method](module, sparsity, **kwargs)
+
+
+def gradual_magnitude_pruning(model: nn.Module, data, cfg, final_sparsity: float, *, start: int = 0,
+                              n_prunes: int = 10, frequency: int = 100, method: str = "global",
+                              progress: bool = True, **mask_kwargs):
+    """Zhu & Gupta's prune-while-training: every ``frequency`` steps from ``start``, recompute
+    magnitude masks at the cubic schedule's sparsity and apply them; in between keep them.
+
+    Pruned weights are zero, hence smallest, so each new mask contains the previous one.
+    ``cfg`` is a ``TrainConfig`` whose ``iterations`` should exceed ``start + n_prunes * frequency``
+    so the network recovers after the last pruning step. Returns ``(TrainResult, masks)``.
+    """
+    from .train import train
+
+    _check_sparsity(final_sparsity)
+    end = start + n_prunes * frequency
+    if end > cfg.iterations:
+        raise ValueError(f"The schedule ends at step {end} but training has only {cfg.iterations} "
+                         "iterations: raise iterations or lower start/n_prunes/frequency.")
+    magnitude_masks(model, 0.0, method, **mask_kwargs)  # validates method and kwargs before training
+    state = {"step": 0, "masks": None, "hook": None}
+
+    def after_step(m: nn.Module) -> None:
+        state["step"] += 1
+        t = state["step"]
+        if start <= t <= end and (t - start) % frequency == 0:
+            s = cubic_sparsity(t, final_sparsity, start=start, n_prunes=n_prunes, frequency=frequency)
+            state["masks"] = magnitude_masks(m, s, method, **mask_kwargs)
+            state["hook"] = keep_masked(m, state["masks"])
+        if state["hook"] is not None:
+            state["hook"](m)
+
+    result = train(model, data, cfg, after_step=after_step, progress=progress, desc=f"gradual {method}")
+    return result, state["masks"]

@@ -1,0 +1,591 @@
+"""The Lottery Ticket Hypothesis: iterative magnitude pruning (IMP) with rewinding, its baselines,
+instability analysis, and resumable runs.
+
+Frankle & Carbin (2019): train a dense net from θ_0, prune p% of the remaining weights (20% of
+each hidden layer, 10% of the output layer), reset the survivors to θ_0, repeat. The sparse
+subnetwork m ⊙ θ_0 is a *winning ticket* if it trains to the dense accuracy at least as fast.
+Frankle et al. (2019, 2020) reset to θ_k, the weights after k iterations ("rewinding"), and
+link tickets to *stability*: two copies of θ_k trained on different data orders end in one
+linearly connected basin (no error barrier on the straight line between them).
+
+Baselines at every level, all trained exactly like the ticket:
+
+- ``random_reinit``: the ticket's mask on a fresh random initialisation (LTH, Figure 4);
+- ``random_mask``: a random mask with the ticket's per-layer counts on the ticket's θ_k;
+- ``one_shot``: the trained dense net pruned once to the level's per-layer counts, reset to θ_k.
+
+A run lives in a folder named by a hash of its hyperparameters (open_lth style)::
+
+    <root>/<hash>/hparams.json
+    <root>/<hash>/level_0/{rewind,final,masks}.safetensors, metrics.json
+    <root>/<hash>/level_3/random_mask/{masks.safetensors, metrics.json}
+    <root>/<hash>/instability_level_3.json
+
+Every file is written atomically; ``metrics.json`` is written last and holds the SHA-256 of the
+level's tensors, so a level is either complete and verified, or recomputed (a corrupt one is
+reported). The number of levels is not a hyperparameter: running 3 levels and later 6 reuses
+the first 3. Randomness per level comes from seeds derived from ``(seed, level)`` (recorded in
+each level's ``metrics.json``), so a resumed run ends bit-for-bit like an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ._io import atomic_path, read_json, write_json
+from .data import ImageData, cache_dir, load_image_data
+from .eval import evaluate
+from .magnitude import (Masks, apply_masks, global_magnitude_masks, keep_masked, masks_from_densities,
+                        prunable_parameters, prune_remaining, random_masks)
+from .models import make_model
+from .train import TrainConfig, train
+
+BASELINES = ("random_reinit", "random_mask", "one_shot")
+
+
+# --------------------------------------------------------------------------- hyperparameters
+
+
+@dataclass(frozen=True)
+class DataHparams:
+    name: str = "fashion-mnist"  # "fashion-mnist", "mnist" (needs root) or "digits"
+    val_size: int = 5000  # validation split carved from the training set (early stopping)
+    train_size: int = 0  # use only the first n training examples (0: all)
+    split_seed: int = 0
+
+    def __post_init__(self):
+        if self.val_size < 1 or self.train_size < 0:
+            raise ValueError(f"val_size must be positive and train_size >= 0 (0 = all): {self}")
+
+
+@dataclass(frozen=True)
+class ModelHparams:
+    name: str = "lenet"  # "lenet", "conv2", "conv4", "conv6"
+    width: float = 1.0  # channel/hidden multiplier of the conv nets (ignored by LeNet)
+
+    def __post_init__(self):
+        if self.name not in ("lenet", "conv2", "conv4", "conv6"):
+            raise ValueError(f"model {self.name!r}: use 'lenet', 'conv2', 'conv4' or 'conv6'.")
+        if self.width <= 0:
+            raise ValueError(f"width={self.width} must be positive.")
+
+
+@dataclass(frozen=True)
+class TrainHparams:
+    iterations: int = 50_000
+    batch_size: int = 60
+    lr: float = 1.2e-3
+    optimizer: str = "adam"
+    eval_every: int = 100  # early-stop resolution
+
+    def config(self, seed: int) -> TrainConfig:
+        return TrainConfig(iterations=self.iterations, batch_size=self.batch_size, lr=self.lr,
+                           optimizer=self.optimizer, eval_every=self.eval_every, seed=seed)
+
+    def __post_init__(self):
+        self.config(0)  # TrainConfig validates the values
+
+
+@dataclass(frozen=True)
+class PruningHparams:
+    rate: float = 0.2  # fraction of the remaining weights pruned per level (hidden layers)
+    output_rate: float = 0.1  # the same for the output layer
+    scope: str = "layerwise"  # "layerwise" or "global" (hidden layers share one threshold)
+    rewind_iteration: int = 0  # k: reset survivors to θ_k (0 = the original LTH)
+
+    def __post_init__(self):
+        for name in ("rate", "output_rate"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not 0.0 < v < 1.0:
+                raise ValueError(f"{name}={v!r} must be in (0, 1): 0.2 prunes 20% of the remaining weights per level.")
+        if self.scope not in ("layerwise", "global"):
+            raise ValueError(f"scope={self.scope!r}: use 'layerwise' or 'global'.")
+        if not isinstance(self.rewind_iteration, int) or self.rewind_iteration < 0:
+            raise ValueError(f"rewind_iteration={self.rewind_iteration!r} must be an integer >= 0.")
+
+
+@dataclass(frozen=True)
+class LotteryHparams:
+    """Everything that determines a run's numbers. Its hash names the run folder."""
+
+    data: DataHparams = field(default_factory=DataHparams)
+    model: ModelHparams = field(default_factory=ModelHparams)
+    train: TrainHparams = field(default_factory=TrainHparams)
+    pruning: PruningHparams = field(default_factory=PruningHparams)
+    seed: int = 0  # initialisation and data order
+
+    def __post_init__(self):
+        if self.pruning.rewind_iteration > self.train.iterations:
+            raise ValueError(f"rewind_iteration={self.pruning.rewind_iteration} is beyond the training length "
+                             f"({self.train.iterations} iterations): choose k <= iterations.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LotteryHparams":
+        return cls(data=DataHparams(**d["data"]), model=ModelHparams(**d["model"]),
+                   train=TrainHparams(**d["train"]), pruning=PruningHparams(**d["pruning"]), seed=d["seed"])
+
+    @property
+    def hash(self) -> str:
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def with_(self, **changes) -> "LotteryHparams":
+        """A copy with changed fields, by dotted name: ``hp.with_(**{"pruning.rewind_iteration": 100})``."""
+        groups: dict[str, dict] = {}
+        top = {}
+        for key, value in changes.items():
+            group, _, name = key.partition(".")
+            if name:
+                groups.setdefault(group, {})[name] = value
+            else:
+                top[group] = value
+        for group, values in groups.items():
+            top[group] = replace(getattr(self, group), **values)
+        return replace(self, **top)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# --------------------------------------------------------------------------- small tools
+
+
+def level_seeds(seed: int, level: int) -> dict[str, int]:
+    """The seeds a level uses (recorded in its metrics.json). The ticket keeps the run's data order."""
+    return {"init_seed": seed, "data_order_seed": seed,
+            "reinit_seed": 1_000_003 * (seed + 1) + level, "random_mask_seed": 2_000_003 * (seed + 1) + level}
+
+
+def prune_rates(model: nn.Module, pr: PruningHparams, masks: Masks) -> dict[str, float]:
+    """The per-layer rate of one IMP level: ``rate`` for hidden layers, ``output_rate`` for the output."""
+    out_name = f"{getattr(model, 'output_layer', '')}.weight"
+    return {n: pr.output_rate if n == out_name else pr.rate for n in masks}
+
+
+def imp_step(model: nn.Module, masks: Masks, pr: PruningHparams) -> Masks:
+    """One IMP pruning step on trained weights: prune the rates of the *remaining* weights.
+
+    ``scope="global"`` ranks all hidden layers together and the output layer on its own.
+    """
+    rates = prune_rates(model, pr, masks)
+    if pr.scope == "layerwise":
+        return prune_remaining(model, masks, rates)
+    out = {}
+    for rate in sorted(set(rates.values())):
+        group = {n: m for n, m in masks.items() if rates[n] == rate}
+        out.update(prune_remaining(model, group, rate, scope="global"))
+    return {n: out[n] for n in masks}
+
+
+def one_shot_masks(trained: nn.Module, like: Masks, pr: PruningHparams) -> Masks:
+    """One-shot magnitude pruning of ``trained`` to the same per-layer counts as ``like``
+    (layer-wise), or to the same counts per rate group with one global threshold (global)."""
+    if pr.scope == "layerwise":
+        return masks_from_densities(trained, {n: int(m.sum()) / m.numel() for n, m in like.items()})
+    rates = prune_rates(trained, pr, like)
+    out = {}
+    for rate in sorted(set(rates.values())):
+        names = [n for n in like if rates[n] == rate]
+        total = sum(like[n].numel() for n in names)
+        kept = sum(int(like[n].sum()) for n in names)
+        out.update(global_magnitude_masks(trained, (total - kept) / total, include=names))
+    return {n: out[n] for n in like}
+
+
+@torch.no_grad()
+def reset_to(model: nn.Module, state: dict[str, torch.Tensor], masks: Masks) -> nn.Module:
+    """Load ``state`` (θ_k) into ``model`` and zero the pruned weights: m ⊙ θ_k."""
+    model.load_state_dict(state)
+    return apply_masks(model, masks)
+
+
+def interpolate(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tensor], alpha: float) -> dict:
+    """(1 - α)·a + α·b for every tensor (exactly a at α=0 and exactly b at α=1)."""
+    if state_a.keys() != state_b.keys():
+        raise ValueError("The two states have different parameter names; interpolate models of one architecture.")
+    return {n: torch.lerp(state_a[n].float(), state_b[n].float(), alpha).to(state_a[n].dtype) for n in state_a}
+
+
+def error_barrier(errors: list[float]) -> float:
+    """Frankle et al. (2020): max error on the path minus the mean of the two endpoints' errors."""
+    return max(errors) - 0.5 * (errors[0] + errors[-1])
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: t.detach().to("cpu", copy=True).contiguous() for n, t in model.state_dict().items()}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
+    with atomic_path(path) as tmp:
+        save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, str(tmp))
+    return _sha256(path)
+
+
+def _count_kept(masks: Masks) -> dict:
+    kept = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    return {"weights_remaining": kept / total,
+            "layer_remaining": {n: int(m.sum()) / m.numel() for n, m in masks.items()}}
+
+
+class CorruptCheckpoint(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------- one run
+
+
+class LotteryRun:
+    """IMP with rewinding and baselines for one ``LotteryHparams`` (one seed), resumable.
+
+    ``run(levels)`` trains level 0 (dense) then IMP levels 1..levels; finished levels found in the
+    folder are verified and skipped. ``data`` may be any ``ImageData`` (e.g. your CIFAR-10);
+    by default it is loaded from ``hp.data``.
+    """
+
+    def __init__(self, hp: LotteryHparams, root: str | Path | None = None, *, run_dir: str | Path | None = None,
+                 data: ImageData | None = None, device: str | torch.device | None = None, progress: bool = True,
+                 data_root: str | Path | None = None):
+        self.hp = hp
+        self.dir = Path(run_dir) if run_dir is not None else Path(root or cache_dir("lottery")) / hp.hash
+        self.progress = progress
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if data is not None and data.name != hp.data.name:
+            raise ValueError(f"data is {data.name!r} but hp.data.name is {hp.data.name!r}: set "
+                             f"DataHparams(name={data.name!r}) so the run folder's hash tells the data sets apart.")
+        self._check_folder()
+        self._data, self._data_ready = data, False
+        self._data_root = data_root
+        self.levels: dict[int, dict] = {}
+
+    # ----------------------------------------------------------------- folder
+    def _check_folder(self) -> None:
+        path = self.dir / "hparams.json"
+        mine = self.hp.to_dict()
+        if path.is_file():
+            try:
+                theirs = read_json(path)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{path} is unreadable ({e}); delete the folder {self.dir} or choose another.") from e
+            a, b = _flatten(theirs), _flatten(mine)
+            diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+            if diff:
+                listed = "; ".join(f"{k}: folder has {a.get(k)!r}, you asked {b.get(k)!r}" for k in diff)
+                raise ValueError(f"{self.dir} holds a run with different hyperparameters ({listed}). Refusing to "
+                                 "mix them: use another folder (or the default, which is named by the hash).")
+        else:
+            write_json(path, mine)
+
+    @property
+    def data(self) -> ImageData:
+        if not self._data_ready:
+            d = self.hp.data
+            data = self._data or load_image_data(d.name, val_size=d.val_size, seed=d.split_seed, root=self._data_root)
+            if d.train_size and len(data.x_train) > d.train_size:
+                data = replace(data, x_train=data.x_train[:d.train_size], y_train=data.y_train[:d.train_size])
+            self._data, self._data_ready = data.to(self.device), True
+        return self._data
+
+    def new_model(self, seed: int) -> nn.Module:
+        m = self.hp.model
+        shape = tuple(self.data.x_train.shape[1:])
+        kwargs = {"in_features": math.prod(shape), "num_classes": len(self.data.classes)} if m.name == "lenet" else \
+            {"width": m.width, "in_shape": shape, "num_classes": len(self.data.classes)}
+        return make_model(m.name, seed, **kwargs).to(self.device)
+
+    def level_dir(self, level: int) -> Path:
+        return self.dir / f"level_{level}"
+
+    # ----------------------------------------------------------------- checkpoints
+    def _load_level(self, level: int) -> dict | None:
+        """The verified metrics of a finished level, None if absent; raises CorruptCheckpoint."""
+        path = self.level_dir(level) / "metrics.json"
+        if not path.is_file():
+            return None
+        try:
+            metrics = read_json(path)
+            for name, digest in metrics["files"].items():
+                f = self.level_dir(level) / name
+                if not f.is_file() or _sha256(f) != digest:
+                    raise CorruptCheckpoint(f"{f} is missing or does not match its checksum")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CorruptCheckpoint(f"{path} is unreadable ({e})") from e
+        return metrics
+
+    def _tensors(self, level: int, name: str) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(str(self.level_dir(level) / f"{name}.safetensors"), device=str(self.device))
+        except (OSError, SafetensorError) as e:
+            raise CorruptCheckpoint(f"{self.level_dir(level) / name}.safetensors: {e}") from e
+
+    def masks(self, level: int) -> Masks:
+        return self._tensors(level, "masks")
+
+    def final_state(self, level: int) -> dict[str, torch.Tensor]:
+        return self._tensors(level, "final")
+
+    def rewind_state(self) -> dict[str, torch.Tensor]:
+        return self._tensors(0, "rewind")
+
+    # ----------------------------------------------------------------- training
+    def _train(self, model: nn.Module, masks: Masks | None, seed: int, desc: str,
+               on_step: Callable[[int, nn.Module], None] | None = None) -> dict:
+        keep = keep_masked(model, masks) if masks is not None else None
+        if on_step is None:
+            hook = keep
+        else:
+            counter = [0]
+
+            def hook(m: nn.Module) -> None:
+                if keep is not None:
+                    keep(m)
+                counter[0] += 1
+                on_step(counter[0], m)
+
+        t0 = time.perf_counter()
+        res = train(model, self.data, self.hp.train.config(seed), after_step=hook, progress=self.progress, desc=desc)
+        best = min(res.history, key=lambda h: h["val_loss"])
+        return {"test_accuracy": res.test_accuracy, "best_val_accuracy": res.best_val_accuracy,
+                "early_stop_iteration": res.early_stop_iteration, "early_stop_val_accuracy": best["val_accuracy"],
+                "history": res.history, "wall_time_s": time.perf_counter() - t0}
+
+    def _dense_level(self) -> dict:
+        hp, k = self.hp, self.hp.pruning.rewind_iteration
+        seeds = level_seeds(hp.seed, 0)
+        model = self.new_model(seeds["init_seed"])
+        masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in prunable_parameters(model).items()}
+        captured = {0: _state(model)} if k == 0 else {}
+
+        def capture(it: int, m: nn.Module) -> None:
+            if it == k:
+                captured[k] = _state(m)
+
+        metrics = self._train(model, None, seeds["data_order_seed"], "level 0 (dense)",
+                              on_step=capture if k > 0 else None)
+        d = self.level_dir(0)
+        files = {"rewind.safetensors": _save_tensors(d / "rewind.safetensors", captured[k]),
+                 "final.safetensors": _save_tensors(d / "final.safetensors", _state(model)),
+                 "masks.safetensors": _save_tensors(d / "masks.safetensors", masks)}
+        return {"level": 0, **_count_kept(masks), "seeds": seeds, "rewind_iteration": k,
+                "ticket": metrics, "files": files}
+
+    def _imp_level(self, level: int) -> dict:
+        hp = self.hp
+        seeds = level_seeds(hp.seed, level)
+        model = self.new_model(seeds["init_seed"])
+        model.load_state_dict(self.final_state(level - 1))
+        masks = imp_step(model, self.masks(level - 1), hp.pruning)
+        reset_to(model, self.rewind_state(), masks)
+        metrics = self._train(model, masks, seeds["data_order_seed"], f"level {level} ticket")
+        d = self.level_dir(level)
+        files = {"final.safetensors": _save_tensors(d / "final.safetensors", _state(model)),
+                 "masks.safetensors": _save_tensors(d / "masks.safetensors", masks)}
+        return {"level": level, **_count_kept(masks), "seeds": seeds, "rewind_iteration": hp.pruning.rewind_iteration,
+                "ticket": metrics, "files": files}
+
+    def _baseline(self, level: int, name: str) -> dict:
+        """Train one baseline at ``level`` (cached in level_<n>/<name>/metrics.json)."""
+        path = self.level_dir(level) / name / "metrics.json"
+        if path.is_file():
+            try:
+                return read_json(path)
+            except (OSError, ValueError) as e:
+                warnings.warn(f"{path} is corrupt ({e}); recomputing this baseline.", stacklevel=3)
+        seeds = level_seeds(self.hp.seed, level)
+        masks = self.masks(level)
+        if name == "random_reinit":
+            model = self.new_model(seeds["reinit_seed"])
+            apply_masks(model, masks)
+        elif name == "random_mask":
+            masks = random_masks({n: m.cpu() for n, m in masks.items()}, seeds["random_mask_seed"])
+            masks = {n: m.to(self.device) for n, m in masks.items()}
+            model = self.new_model(seeds["init_seed"])
+            reset_to(model, self.rewind_state(), masks)
+        elif name == "one_shot":
+            model = self.new_model(seeds["init_seed"])
+            model.load_state_dict(self.final_state(0))
+            masks = one_shot_masks(model, masks, self.hp.pruning)
+            reset_to(model, self.rewind_state(), masks)
+        else:
+            raise ValueError(f"Unknown baseline {name!r}: choose from {BASELINES}.")
+        metrics = self._train(model, masks, seeds["data_order_seed"], f"level {level} {name}")
+        out = {"level": level, "baseline": name, **_count_kept(masks), "seeds": seeds, **metrics}
+        write_json(path, out)
+        return out
+
+    def run(self, levels: int, baselines: Iterable[str] = BASELINES, *,
+            after_level: Callable[[int, dict], None] | None = None) -> list[dict]:
+        """Level 0 (dense) and IMP levels 1..``levels``, each with ``baselines``; resumes from the folder.
+
+        Returns one dict per level: ``ticket`` metrics and one entry per baseline. ``after_level``
+        is called after each level is saved (tests use it to interrupt a run).
+        """
+        if not isinstance(levels, int) or isinstance(levels, bool) or levels < 1:
+            raise ValueError(f"levels={levels!r} must be a positive integer (IMP rounds after the dense level 0).")
+        baselines = tuple(baselines)
+        unknown = [b for b in baselines if b not in BASELINES]
+        if unknown:
+            raise ValueError(f"Unknown baselines {unknown}: choose from {BASELINES}.")
+        out = []
+        bar = tqdm(range(levels + 1), desc="IMP levels", disable=not self.progress, leave=False)
+        for level in bar:
+            try:
+                metrics = self._load_level(level)
+                if metrics is not None:
+                    self.masks(level), self.final_state(level)  # loadable, not only checksummed
+            except CorruptCheckpoint as e:
+                warnings.warn(f"Level {level} of {self.dir} is corrupt ({e}); recomputing level {level} only.",
+                              stacklevel=2)
+                metrics = None
+            if metrics is None:
+                t0 = time.perf_counter()
+                metrics = self._dense_level() if level == 0 else self._imp_level(level)
+                metrics["wall_time_s"] = time.perf_counter() - t0
+                write_json(self.level_dir(level) / "metrics.json", metrics)  # last: marks the level complete
+            row = dict(metrics)
+            if level > 0:
+                t0 = time.perf_counter()
+                for b in baselines:
+                    row[b] = self._baseline(level, b)
+                row["baselines_wall_time_s"] = sum(row[b]["wall_time_s"] for b in baselines)
+            self.levels[level] = row
+            out.append(row)
+            if after_level is not None:
+                after_level(level, row)
+        return out
+
+    # ----------------------------------------------------------------- stability
+    def instability(self, level: int, *, seeds: tuple[int, int] | None = None, alphas: int = 11) -> dict:
+        """Train two copies of m ⊙ θ_k (level 0: the dense θ_k) on two data orders (default seeds
+        derived from the run's seed, distinct from the ticket's), evaluate the test error along the
+        straight line between them; cached as ``instability_level_<n>.json``."""
+        seeds = tuple(seeds) if seeds is not None else (10_007 + 2 * self.hp.seed, 10_008 + 2 * self.hp.seed)
+        if len(seeds) != 2 or seeds[0] == seeds[1]:
+            raise ValueError(f"seeds={seeds!r} must be two different data-order seeds.")
+        if alphas < 2:
+            raise ValueError(f"alphas={alphas} must be at least 2 (the two endpoints).")
+        path = self.dir / f"instability_level_{level}.json"
+        key = {"level": level, "seeds": list(seeds), "alphas": alphas}
+        if path.is_file():
+            try:
+                cached = read_json(path)
+                if {k: cached.get(k) for k in key} == key:
+                    return cached
+            except (OSError, ValueError) as e:
+                warnings.warn(f"{path} is corrupt ({e}); recomputing.", stacklevel=2)
+        if self._load_level(level) is None:
+            raise ValueError(f"Level {level} has not been run in {self.dir}: call run(levels>={level}) first.")
+        masks = self.masks(level)
+        ends = []
+        for s in seeds:
+            model = self.new_model(self.hp.seed)
+            reset_to(model, self.rewind_state(), masks)
+            self._train(model, masks if level > 0 else None, s, f"instability level {level} seed {s}")
+            ends.append(_state(model))
+        grid = [i / (alphas - 1) for i in range(alphas)]
+        errors = []
+        model = self.new_model(self.hp.seed)
+        for a in grid:
+            model.load_state_dict(interpolate(ends[0], ends[1], a))
+            errors.append(1.0 - evaluate(model, self.data.x_test, self.data.y_test)[1])
+        out = {**key, **_count_kept(masks), "alpha": grid, "test_error": errors, "barrier": error_barrier(errors),
+               "rewind_iteration": self.hp.pruning.rewind_iteration}
+        write_json(path, out)
+        return out
+
+
+# --------------------------------------------------------------------------- many seeds
+
+
+def run_seeds(hp: LotteryHparams, seeds: Iterable[int], levels: int, baselines: Iterable[str] = BASELINES,
+              root: str | Path | None = None, **kwargs) -> list[LotteryRun]:
+    """One ``LotteryRun`` per seed (each in its own hash folder), run to ``levels``."""
+    runs = []
+    for s in tqdm(list(seeds), desc="seeds", disable=not kwargs.get("progress", True), leave=False):
+        run = LotteryRun(hp.with_(seed=s), root, **kwargs)
+        run.run(levels, baselines)
+        runs.append(run)
+    return runs
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _std(xs):
+    xs = [x for x in xs if x is not None]
+    if len(xs) < 2:
+        return 0.0 if xs else None
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def summarize(runs: list[LotteryRun]) -> dict:
+    """Seed-averaged numbers per level (with the per-seed values and sample std alongside)."""
+    if not runs:
+        raise ValueError("summarize() needs at least one run.")
+    n_levels = min(len(r.levels) for r in runs)
+    rows = []
+    for level in range(n_levels):
+        per = [r.levels[level] for r in runs]
+        row = {"level": level, "weights_remaining": per[0]["weights_remaining"],
+               "layer_remaining": per[0]["layer_remaining"]}
+        cols = {"ticket_accuracy": lambda p: p["ticket"]["test_accuracy"],
+                "ticket_early_stop_iteration": lambda p: p["ticket"]["early_stop_iteration"],
+                "ticket_early_stop_val_accuracy": lambda p: p["ticket"]["early_stop_val_accuracy"],
+                "ticket_wall_time_s": lambda p: p["wall_time_s"]}
+        for b in BASELINES:
+            cols[f"{b}_accuracy"] = (lambda b: lambda p: p[b]["test_accuracy"] if b in p else None)(b)
+            cols[f"{b}_early_stop_iteration"] = (lambda b: lambda p: p[b]["early_stop_iteration"] if b in p else None)(b)
+        cols["baselines_wall_time_s"] = lambda p: p.get("baselines_wall_time_s", 0.0)
+        for name, get in cols.items():
+            vals = [get(p) for p in per]
+            row[name] = _mean(vals)
+            row[f"{name}_std"] = _std(vals)
+            row[f"{name}_per_seed"] = vals
+        rows.append(row)
+    return {"seeds": [r.hp.seed for r in runs], "dense_accuracy": rows[0]["ticket_accuracy"],
+            "dense_accuracy_per_seed": rows[0]["ticket_accuracy_per_seed"], "levels": rows}
+
+
+def rewind_sweep(hp: LotteryHparams, ks: Iterable[int], level: int, seeds: Iterable[int],
+                 root: str | Path | None = None, **kwargs) -> list[dict]:
+    """Ticket accuracy at IMP ``level`` when rewinding to each k in ``ks`` (one IMP run per k and
+    seed, no baselines). k = 0 reuses the main experiment's folder when the hyperparameters match."""
+    out = []
+    for k in ks:
+        runs = run_seeds(hp.with_(**{"pruning.rewind_iteration": k}), seeds, level, baselines=(), root=root, **kwargs)
+        accs = [r.levels[level]["ticket"]["test_accuracy"] for r in runs]
+        stops = [r.levels[level]["ticket"]["early_stop_iteration"] for r in runs]
+        out.append({"rewind_iteration": k, "level": level, "weights_remaining": runs[0].levels[level]["weights_remaining"],
+                    "ticket_accuracy": _mean(accs), "ticket_accuracy_std": _std(accs), "ticket_accuracy_per_seed": accs,
+                    "ticket_early_stop_iteration": _mean(stops), "ticket_early_stop_iteration_per_seed": stops})
+    return out

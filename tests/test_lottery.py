@@ -1,0 +1,267 @@
+"""Lottery tickets: IMP levels, reset/rewind, baselines, instability, resumable runs (tiny, CPU)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from pruning_lab.data import load_image_data
+from pruning_lab.lottery import (DataHparams, LotteryHparams, LotteryRun, ModelHparams, PruningHparams,
+                                 TrainHparams, error_barrier, imp_step, interpolate, one_shot_masks, reset_to,
+                                 summarize)
+from pruning_lab.magnitude import prunable_parameters, prune_remaining
+from pruning_lab.models import make_model
+from pruning_lab.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny nets train faster on one thread, and a shared 2-core machine does not slow them 5x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data():
+    d = load_image_data("fashion-mnist", val_size=1000, seed=0)
+    return replace(d, x_test=d.x_test[:2000], y_test=d.y_test[:2000])
+
+
+def tiny_hp(**changes) -> LotteryHparams:
+    hp = LotteryHparams(data=DataHparams(val_size=1000, train_size=3000),
+                        train=TrainHparams(iterations=40, eval_every=10),
+                        pruning=PruningHparams(rate=0.5, output_rate=0.25))
+    return hp.with_(**changes)
+
+
+def run(tmp_path, data, hp=None, name="run", **kwargs):
+    return LotteryRun(hp or tiny_hp(), run_dir=tmp_path / name, data=data, progress=False, **kwargs)
+
+
+def strip_times(obj):
+    if isinstance(obj, dict):
+        return {k: strip_times(v) for k, v in obj.items() if "wall_time" not in k}
+    if isinstance(obj, list):
+        return [strip_times(v) for v in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------- hand-computed
+
+
+def test_prune_remaining_hand_computed():
+    lin = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[0.1, -0.5, 0.3, 0.0], [2.0, -0.05, 0.7, 0.2]]))
+    masks = {"weight": torch.tensor([[True, True, True, False], [True, False, True, True]])}
+    # survivors 0.1 0.5 0.3 2.0 0.7 0.2: half of them (3) go: 0.1, 0.2, 0.3; pruned ones stay pruned
+    want = torch.tensor([[False, True, False, False], [True, False, True, False]])
+    assert torch.equal(prune_remaining(lin, masks, 0.5)["weight"], want)
+    assert torch.equal(prune_remaining(lin, masks, 0.5, scope="global")["weight"], want)
+    # the already-pruned -0.05 and 0.0 never compete: pruning 1 of 6 removes 0.1
+    one = prune_remaining(lin, masks, 1 / 6)["weight"]
+    assert int(one.sum()) == 5 and not one[0, 0] and not one[0, 3] and not one[1, 1]
+
+
+def test_error_barrier_and_interpolation_endpoints():
+    assert error_barrier([0.1, 0.3, 0.2]) == pytest.approx(0.3 - 0.15)
+    a, b = make_model("lenet", 0).state_dict(), make_model("lenet", 1).state_dict()
+    for n, t in interpolate(a, b, 0.0).items():
+        assert torch.equal(t, a[n])
+    for n, t in interpolate(a, b, 1.0).items():
+        assert torch.equal(t, b[n])
+    mid = interpolate(a, b, 0.5)
+    assert torch.allclose(mid["fc1.weight"], (a["fc1.weight"] + b["fc1.weight"]) / 2)
+
+
+# --------------------------------------------------------------------------- IMP mechanics
+
+
+@pytest.mark.parametrize("scope", ["layerwise", "global"])
+def test_pruning_rate_per_level_gives_expected_fraction(scope):
+    model = make_model("lenet", 0)
+    pr = PruningHparams(rate=0.2, output_rate=0.1, scope=scope)
+    masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in prunable_parameters(model).items()}
+    hidden = ["fc1.weight", "fc2.weight"]
+    kept = {n: masks[n].numel() for n in masks}
+    for level in range(1, 6):
+        masks = imp_step(model, masks, pr)
+        # exact counts: each level removes round(rate * remaining) of every layer (or of the hidden group)
+        if scope == "layerwise":
+            for n in hidden:
+                kept[n] -= round(0.2 * kept[n])
+                assert int(masks[n].sum()) == kept[n]
+                assert kept[n] / masks[n].numel() == pytest.approx(0.8 ** level, abs=level / masks[n].numel())
+        else:
+            total = sum(masks[n].numel() for n in hidden)
+            assert sum(int(masks[n].sum()) for n in hidden) / total == pytest.approx(0.8 ** level, abs=level / total)
+        kept["fc3.weight"] -= round(0.1 * kept["fc3.weight"])
+        assert int(masks["fc3.weight"].sum()) == kept["fc3.weight"]
+        # with the same weights, IMP's survivors are nested in the previous level's survivors
+        with torch.no_grad():
+            for n, p in prunable_parameters(model).items():
+                p.mul_(masks[n]).add_(torch.randn_like(p) * masks[n] * 1e-3)
+
+
+def test_one_shot_masks_match_per_layer_counts():
+    model = make_model("lenet", 0)
+    pr = PruningHparams(rate=0.2, output_rate=0.1)
+    masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in prunable_parameters(model).items()}
+    for _ in range(3):
+        masks = imp_step(model, masks, pr)
+    other = make_model("lenet", 5)
+    for scope in ("layerwise", "global"):
+        one = one_shot_masks(other, masks, PruningHparams(rate=0.2, output_rate=0.1, scope=scope))
+        if scope == "layerwise":
+            assert {n: int(m.sum()) for n, m in one.items()} == {n: int(m.sum()) for n, m in masks.items()}
+        else:
+            assert sum(int(one[n].sum()) for n in ("fc1.weight", "fc2.weight")) == \
+                sum(int(masks[n].sum()) for n in ("fc1.weight", "fc2.weight"))
+            assert int(one["fc3.weight"].sum()) == int(masks["fc3.weight"].sum())
+
+
+def test_reset_restores_theta_k_on_survivors_and_zero_on_pruned(tmp_path, data):
+    hp = tiny_hp(**{"pruning.rewind_iteration": 7})
+    r = run(tmp_path, data, hp)
+    r.run(1, baselines=())
+    theta_k = r.rewind_state()
+    # θ_k really is the dense net after k iterations of the same data order
+    ref = make_model("lenet", hp.seed)
+    train(ref, r.data, TrainConfig(iterations=7, eval_every=0, seed=hp.seed), progress=False)
+    for n, t in ref.state_dict().items():
+        assert torch.equal(t, theta_k[n]), n
+    # reset: survivors take θ_k exactly, pruned weights are exactly zero, biases are θ_k
+    masks = r.masks(1)
+    model = make_model("lenet", 123)
+    reset_to(model, theta_k, masks)
+    state = model.state_dict()
+    for n, m in masks.items():
+        assert torch.equal(state[n][m], theta_k[n][m])
+        assert torch.count_nonzero(state[n][~m]) == 0
+        assert 0 < int(m.sum()) < m.numel()
+    assert torch.equal(state["fc1.bias"], theta_k["fc1.bias"])
+    # and the level's trained weights kept the pruned ones at zero through Adam
+    final = r.final_state(1)
+    for n, m in masks.items():
+        assert torch.count_nonzero(final[n][~m]) == 0
+
+
+def test_baselines_keep_per_layer_sparsity(tmp_path, data):
+    r = run(tmp_path, data)
+    rows = r.run(2)
+    for row in rows[1:]:
+        for b in ("random_reinit", "random_mask", "one_shot"):
+            assert row[b]["layer_remaining"] == row["layer_remaining"], b
+            assert 0.0 <= row[b]["test_accuracy"] <= 1.0
+    # rate 0.5 on hidden layers: 0.5^level of each hidden layer is left
+    assert rows[2]["layer_remaining"]["fc1.weight"] == pytest.approx(0.25)
+    assert rows[2]["layer_remaining"]["fc3.weight"] == pytest.approx(0.5625, abs=1e-3)
+    s = summarize([r])
+    assert s["dense_accuracy"] == rows[0]["ticket"]["test_accuracy"]
+    assert [lv["weights_remaining"] for lv in s["levels"]] == [row["weights_remaining"] for row in rows]
+
+
+# --------------------------------------------------------------------------- resumable runs
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_kill_and_resume_is_bit_identical(tmp_path, data):
+    straight = run(tmp_path, data, name="straight")
+    ref = straight.run(3)
+
+    def kill_after_level_1(level, row):
+        if level == 1:
+            raise Interrupt
+
+    resumed = run(tmp_path, data, name="resumed")
+    with pytest.raises(Interrupt):
+        resumed.run(3, after_level=kill_after_level_1)
+    # a second kill inside level 2: its tensors are on disk but metrics.json (written last) is not
+    part = run(tmp_path, data, name="resumed")
+    part.run(2)
+    (part.level_dir(2) / "metrics.json").unlink()
+    level0 = (part.level_dir(0) / "final.safetensors").stat().st_mtime_ns
+    again = run(tmp_path, data, name="resumed").run(3)
+    assert (part.level_dir(0) / "final.safetensors").stat().st_mtime_ns == level0  # not recomputed
+    assert strip_times(again) == strip_times(ref)
+    for level in range(4):
+        for name in ("masks", "final"):
+            a = load_file(str(straight.level_dir(level) / f"{name}.safetensors"))
+            b = load_file(str(part.level_dir(level) / f"{name}.safetensors"))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (level, name)
+    # continuing to more levels reuses the finished ones
+    t0 = (straight.level_dir(3) / "metrics.json").stat().st_mtime_ns
+    more = run(tmp_path, data, name="straight").run(4, baselines=())
+    assert (straight.level_dir(3) / "metrics.json").stat().st_mtime_ns == t0
+    assert strip_times(more[3]["ticket"]) == strip_times(ref[3]["ticket"])
+
+
+def test_corrupt_level_is_reported_and_only_it_recomputed(tmp_path, data):
+    r = run(tmp_path, data)
+    ref = r.run(2, baselines=())
+    (r.level_dir(1) / "final.safetensors").write_bytes(b"garbage")
+    stamp0 = (r.level_dir(0) / "metrics.json").stat().st_mtime_ns
+    stamp2 = (r.level_dir(2) / "metrics.json").stat().st_mtime_ns
+    with pytest.warns(UserWarning, match="Level 1 .* corrupt.*recomputing level 1 only"):
+        again = run(tmp_path, data).run(2, baselines=())
+    assert (r.level_dir(0) / "metrics.json").stat().st_mtime_ns == stamp0
+    assert (r.level_dir(2) / "metrics.json").stat().st_mtime_ns == stamp2
+    assert strip_times(again) == strip_times(ref)
+    # a metrics.json that is not JSON is also a corrupt level
+    (r.level_dir(2) / "metrics.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="Level 2"):
+        assert strip_times(run(tmp_path, data).run(2, baselines=())) == strip_times(ref)
+
+
+def test_folder_from_other_hyperparameters_is_refused(tmp_path, data):
+    run(tmp_path, data).run(1, baselines=())
+    with pytest.raises(ValueError, match=r"train.iterations: folder has 40, you asked 50"):
+        run(tmp_path, data, tiny_hp(**{"train.iterations": 50}))
+    assert json.loads((tmp_path / "run" / "hparams.json").read_text())["train"]["iterations"] == 40
+    # the default folder is named by the hash, so different hyperparameters never meet
+    a = LotteryRun(tiny_hp(), root=tmp_path / "root", data=data, progress=False)
+    b = LotteryRun(tiny_hp(seed=1), root=tmp_path / "root", data=data, progress=False)
+    assert a.dir != b.dir and a.dir.parent == b.dir.parent
+
+
+def test_bad_input_is_refused(tmp_path, data):
+    r = run(tmp_path, data)
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="levels"):
+            r.run(bad)
+    for rate in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"\(0, 1\)"):
+            PruningHparams(rate=rate)
+        with pytest.raises(ValueError, match=r"\(0, 1\)"):
+            PruningHparams(output_rate=rate)
+    with pytest.raises(ValueError, match="beyond the training length"):
+        tiny_hp(**{"pruning.rewind_iteration": 41})
+    with pytest.raises(ValueError, match="baselines"):
+        r.run(1, baselines=("lucky",))
+    with pytest.raises(ValueError, match="has not been run"):
+        r.instability(1)
+    assert not (r.dir / "level_0").exists()  # nothing was trained by the refused calls
+
+
+# --------------------------------------------------------------------------- stability
+
+
+def test_instability_endpoints_and_cache(tmp_path, data):
+    r = run(tmp_path, data)
+    r.run(1, baselines=())
+    out = r.instability(1, alphas=3)
+    assert out["alpha"] == [0.0, 0.5, 1.0]
+    assert len(out["test_error"]) == 3
+    assert out["barrier"] == pytest.approx(error_barrier(out["test_error"]))
+    assert out["barrier"] >= max(out["test_error"]) - max(out["test_error"][0], out["test_error"][-1]) - 1e-12
+    assert r.instability(1, alphas=3) == out  # cached
