@@ -135,24 +135,31 @@ def _prune_smallest(tensors: list[torch.Tensor], n_prune: int) -> list[torch.Ten
 # --------------------------------------------------------------------------- mask makers
 
 
-def global_magnitude_masks(module: nn.Module, sparsity: float, *, min_per_layer: float = 0.0,
+def global_magnitude_masks(module: nn.Module, sparsity: float, *, min_per_layer: float | int = 0.0,
                            include: Include = None) -> Masks:
     """Global MP: prune the ``round(sparsity * N)`` smallest-magnitude weights over all layers.
 
-    ``min_per_layer`` (Gupta et al.'s minimum threshold, "MT") is the fraction of every layer
-    that must survive: layers that global MP would empty below it keep their largest
-    ``ceil(min_per_layer * n)`` weights, and the rest of the budget is pruned globally among the
-    other layers, so the total stays exact. Raises ``ValueError`` if the floor makes the target
-    unreachable. Returns ``{name: BoolTensor}`` with ``True`` = kept; the module is not changed.
+    ``min_per_layer`` is Gupta et al.'s minimum threshold ("MT"): a float in [0, 1] is the
+    fraction of every layer that must survive (``ceil(f * n)`` weights), an int >= 1 a number of
+    weights per layer (capped at the layer's size; the paper's form). Layers that global MP would
+    cut below their floor keep their largest weights up to it, and the rest of the budget is pruned
+    globally among the other layers, so the total stays exact. Raises ``ValueError`` if the floors
+    make the target unreachable. Returns ``{name: BoolTensor}``, ``True`` = kept; the module is
+    not changed.
     """
     _check_sparsity(sparsity)
-    if not 0.0 <= min_per_layer <= 1.0:
-        raise ValueError(f"min_per_layer={min_per_layer!r} must be a fraction in [0, 1].")
+    if isinstance(min_per_layer, bool) or not isinstance(min_per_layer, (int, float)) or min_per_layer < 0 or (
+            isinstance(min_per_layer, float) and min_per_layer > 1.0):
+        raise ValueError(f"min_per_layer={min_per_layer!r} must be a fraction in [0, 1] (float) "
+                         "or a number of weights per layer (int >= 0).")
     params = prunable_parameters(module, include)
     sizes = {n: p.numel() for n, p in params.items()}
     total = sum(sizes.values())
     n_prune = round(sparsity * total)
-    floors = {n: math.ceil(min_per_layer * s) for n, s in sizes.items()}
+    if isinstance(min_per_layer, int):
+        floors = {n: min(min_per_layer, s) for n, s in sizes.items()}
+    else:
+        floors = {n: math.ceil(min_per_layer * s) for n, s in sizes.items()}
     if sum(floors.values()) > total - n_prune:
         raise ValueError(
             f"min_per_layer={min_per_layer} keeps at least {sum(floors.values()):,} weights, more than the "

@@ -1,0 +1,218 @@
+"""pruning_lab.magnitude: hand-computed masks first, then the peer (torch.nn.utils.prune), then the rest."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from pruning_lab import magnitude as mg
+from pruning_lab.models import make_model, tiny_llama
+
+
+class TwoLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 2, bias=True)
+        self.b = nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            self.a.weight.copy_(torch.tensor([[0.5, -0.1, 2.0], [-0.3, 0.05, 1.0]]))
+            self.b.weight.copy_(torch.tensor([[0.2, -4.0], [0.3, 0.01]]))
+
+
+def test_hand_computed_global_and_layerwise_masks():
+    m = TwoLayer()
+    # |w| sorted over both layers: .01 .05 .1 .2 .3 .3 .5 1 2 4 -> 50% prunes the five smallest,
+    # the tie at 0.3 is broken in parameter order (a before b)
+    g = mg.global_magnitude_masks(m, 0.5)
+    assert g["a.weight"].tolist() == [[True, False, True], [False, False, True]]
+    assert g["b.weight"].tolist() == [[False, True], [True, False]]
+    # layer-wise 50%: a prunes round(3) of 6, b prunes 2 of 4
+    lw = mg.layerwise_magnitude_masks(m, 0.5)
+    assert lw["a.weight"].tolist() == [[True, False, True], [False, False, True]]
+    assert lw["b.weight"].tolist() == [[False, True], [True, False]]
+    assert set(g) == {"a.weight", "b.weight"}  # biases are not pruned
+
+
+def test_ties_are_pruned_in_order_to_the_exact_count():
+    lin = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 1.0, 1.0, 2.0], [1.0, 3.0, 1.0, 0.5]]))
+    masks = mg.global_magnitude_masks(lin, 0.5)  # 0.5 and three of the five 1.0s go
+    assert masks["weight"].tolist() == [[False, False, False, True], [True, True, True, False]]
+    zeros = nn.Linear(10, 10, bias=False)
+    nn.init.zeros_(zeros.weight)
+    for s in (0.0, 0.33, 0.5, 0.99):
+        assert int((~mg.global_magnitude_masks(zeros, s)["weight"]).sum()) == round(s * 100)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.2, 0.5, 0.9, 0.97])
+def test_equal_to_torch_prune_global_unstructured(sparsity):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 50), nn.Linear(50, 10))
+    ours = mg.global_magnitude_masks(model, sparsity)
+    peer = copy.deepcopy(model)
+    targets = [(peer[0], "weight"), (peer[3], "weight"), (peer[4], "weight")]
+    prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=sparsity)
+    for (mod, _), name in zip(targets, ["0.weight", "3.weight", "4.weight"]):
+        assert torch.equal(ours[name], mod.weight_mask.bool()), name
+
+
+def test_exact_counts_on_a_real_net():
+    m = make_model("lenet", seed=3)
+    n = sum(p.numel() for p in mg.prunable_parameters(m).values())
+    for s in (0.1, 0.5, 0.875, 0.99):
+        for method in ("global", "layerwise", "erk"):
+            masks = mg.magnitude_masks(m, s, method)
+            pruned = sum(int((~x).sum()) for x in masks.values())
+            assert abs(pruned - round(s * n)) <= (0 if method == "global" else len(masks)), (s, method)
+
+
+@pytest.mark.parametrize("floor", [0.01, 0.002, 25])
+def test_min_per_layer_holds_for_every_layer_and_total_stays_exact(floor):
+    m = make_model("lenet", seed=0)
+    n = sum(p.numel() for p in mg.prunable_parameters(m).values())
+    plain = mg.global_magnitude_masks(m, 0.985)
+    assert int(plain["fc1.weight"].sum()) == 0  # global MP empties fc1 of this untrained net: collapse
+    masks = mg.global_magnitude_masks(m, 0.985, min_per_layer=floor)
+    for name, mask in masks.items():
+        need = floor if isinstance(floor, int) else -(-floor * mask.numel() // 1)
+        assert int(mask.sum()) >= min(need, mask.numel()), name
+    assert sum(int((~x).sum()) for x in masks.values()) == round(0.985 * n)
+    # layers that were above their floor keep exactly their own largest weights
+    w = m.fc3.weight.abs()
+    kept = w[masks["fc3.weight"]]
+    assert kept.min() >= w[~masks["fc3.weight"]].max()
+
+
+def test_bad_input_is_refused_and_the_model_is_unchanged():
+    m = TwoLayer()
+    before = copy.deepcopy(m.state_dict())
+    for bad in (-0.1, 1.0, 1.5, float("nan"), "0.5"):
+        with pytest.raises(ValueError, match="sparsity"):
+            mg.global_magnitude_masks(m, bad)
+    with pytest.raises(ValueError, match="min_per_layer"):
+        mg.global_magnitude_masks(m, 0.9, min_per_layer=0.5)  # floors keep 5, 0.9 leaves 1
+    with pytest.raises(ValueError, match="min_per_layer"):
+        mg.global_magnitude_masks(m, 0.5, min_per_layer=1.5)
+    with pytest.raises(ValueError, match="no Linear or Conv"):
+        mg.global_magnitude_masks(nn.Sequential(nn.ReLU(), nn.LayerNorm(3)), 0.5)
+    with pytest.raises(ValueError, match="matches no parameter"):
+        mg.global_magnitude_masks(m, 0.5, include="nothing_like_this")
+    with pytest.raises(ValueError, match="Unknown magnitude method"):
+        mg.magnitude_masks(m, 0.5, "random")
+    bad_masks = {"a.weight": torch.ones(2, 3, dtype=torch.bool), "b.weight": torch.ones(3, 3, dtype=torch.bool)}
+    with pytest.raises(ValueError, match="shape"):
+        mg.apply_masks(m, bad_masks)
+    for k, v in before.items():  # nothing changed, not even the first, valid mask
+        assert torch.equal(m.state_dict()[k], v)
+
+
+def test_include_selects_by_regex_names_or_function():
+    m = TwoLayer()
+    assert set(mg.prunable_parameters(m, include=r"^b\.")) == {"b.weight"}
+    assert set(mg.prunable_parameters(m, include=["a.bias"])) == {"a.bias"}
+    assert set(mg.prunable_parameters(m, include=lambda n, p: p.ndim == 2)) == {"a.weight", "b.weight"}
+    with pytest.raises(ValueError, match="do not exist"):
+        mg.prunable_parameters(m, include=["zzz"])
+
+
+def test_masked_weights_stay_zero_under_adam():
+    torch.manual_seed(0)
+    m = make_model("lenet", seed=0)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    for _ in range(3):  # Adam builds moments on every weight first
+        opt.zero_grad()
+        nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+    masks = mg.global_magnitude_masks(m, 0.8)
+    mg.apply_masks(m, masks)
+    hook = mg.keep_masked(m, masks)
+    naive = copy.deepcopy(m)
+    naive_opt = torch.optim.Adam(naive.parameters(), lr=1e-2)
+    naive_opt.load_state_dict(opt.state_dict())
+    for _ in range(5):
+        for model, o, after in ((m, opt, hook), (naive, naive_opt, None)):
+            o.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            o.step()
+            if after:
+                after(model)
+    params = dict(m.named_parameters())
+    assert all(int((params[n][~k] != 0).sum()) == 0 for n, k in masks.items())
+    # without re-applying the mask, Adam's moments regrow the pruned weights (the classic bug)
+    naive_params = dict(naive.named_parameters())
+    assert sum(int((naive_params[n][~k] != 0).sum()) for n, k in masks.items()) > 1000
+
+
+def test_works_on_a_transformer():
+    llm = tiny_llama()
+    masks = mg.global_magnitude_masks(llm, 0.5)
+    assert "lm_head.weight" not in masks and "model.embed_tokens.weight" not in masks  # tied embedding
+    assert len(masks) == 7 * llm.config.num_hidden_layers
+    mg.apply_masks(llm, masks)
+    assert mg.sparsity(masks) == pytest.approx(0.5, abs=1e-6)
+    assert torch.isfinite(llm(input_ids=torch.arange(5)[None]).logits).all()
+
+
+def test_erk_densities_hit_the_budget_and_cap_at_one():
+    m = make_model("lenet")
+    d = mg.erk_densities(m, 0.9)
+    sizes = {n: p.numel() for n, p in mg.prunable_parameters(m).items()}
+    kept = sum(d[n] * sizes[n] for n in d)
+    assert kept == pytest.approx(0.1 * sum(sizes.values()), rel=1e-9)
+    assert d["fc3.weight"] == 1.0 and d["fc1.weight"] < d["fc2.weight"] < 1.0
+    # ERK: density ∝ (n_in + n_out) / (n_in * n_out) among the uncapped layers
+    assert d["fc1.weight"] / d["fc2.weight"] == pytest.approx((1084 / 235200) / (400 / 30000))
+
+
+def test_random_masks_keep_per_layer_counts():
+    m = make_model("lenet")
+    masks = mg.global_magnitude_masks(m, 0.9)
+    r = mg.random_masks(masks, seed=1)
+    assert {n: int(x.sum()) for n, x in r.items()} == {n: int(x.sum()) for n, x in masks.items()}
+    assert not torch.equal(r["fc1.weight"], masks["fc1.weight"])
+
+
+def test_cubic_schedule_endpoints_and_monotonicity():
+    kw = dict(initial_sparsity=0.1, start=100, n_prunes=10, frequency=50)
+    assert mg.cubic_sparsity(0, 0.9, **kw) == pytest.approx(0.1)
+    assert mg.cubic_sparsity(100, 0.9, **kw) == pytest.approx(0.1)
+    assert mg.cubic_sparsity(600, 0.9, **kw) == pytest.approx(0.9)
+    assert mg.cubic_sparsity(10_000, 0.9, **kw) == pytest.approx(0.9)
+    # halfway: s_f + (s_i - s_f) * 0.5^3
+    assert mg.cubic_sparsity(350, 0.9, **kw) == pytest.approx(0.9 - 0.8 / 8)
+    values = [mg.cubic_sparsity(t, 0.9, **kw) for t in range(0, 700, 10)]
+    assert all(b >= a for a, b in zip(values, values[1:]))
+    steps = [b - a for a, b in zip(values[10:60], values[11:61])]
+    assert steps[0] > steps[-1]  # prunes fast first, slowly at the end
+    with pytest.raises(ValueError):
+        mg.cubic_sparsity(0, 0.9, n_prunes=0)
+
+
+def test_gradual_pruning_reaches_the_target_with_nested_masks(monkeypatch):
+    from pruning_lab.data import load_image_data
+    from pruning_lab.train import TrainConfig
+
+    d = load_image_data(val_size=500)
+    d = d.__class__(**{**d.__dict__, "x_train": d.x_train[:3000], "y_train": d.y_train[:3000]})
+    m = make_model("lenet", seed=0)
+    seen = []
+    orig = mg.magnitude_masks
+
+    def spy(module, s, method="global", **kw):
+        seen.append(s)
+        return orig(module, s, method, **kw)
+
+    monkeypatch.setattr(mg, "magnitude_masks", spy)
+    result, masks = mg.gradual_magnitude_pruning(m, d, TrainConfig(iterations=120, eval_every=0), 0.9,
+                                                 start=20, n_prunes=4, frequency=20, progress=False)
+    assert seen[1:] == pytest.approx([mg.cubic_sparsity(t, 0.9, start=20, n_prunes=4, frequency=20)
+                                      for t in (20, 40, 60, 80, 100)])
+    assert mg.sparsity(masks) == pytest.approx(0.9, abs=1e-5)
+    params = dict(m.named_parameters())
+    assert all(int((params[n][~k] != 0).sum()) == 0 for n, k in masks.items())
+    with pytest.raises(ValueError, match="schedule ends"):
+        mg.gradual_magnitude_pruning(m, d, TrainConfig(iterations=50), 0.9, start=20, n_prunes=4, frequency=20)
