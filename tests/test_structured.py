@@ -1,0 +1,357 @@
+"""pruning_lab.structured: metrics by hand, slicing == zero-masking, exact counts, save/load, bad input."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pruning_lab import structured as st
+from pruning_lab.eval import count_parameters
+from pruning_lab.magnitude import apply_masks
+from pruning_lab.models import tiny_llama
+
+
+def _ids(n=8, seq=24, vocab=128, seed=0):
+    return torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = tiny_llama(0)  # 2 layers, 6 query heads sharing 2 KV heads, head_dim 8, MLP 96
+    cal = st.calibrate(model, _ids(), batch_size=3, taylor=True)
+    return model, cal
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(input_ids=x, use_cache=False).logits
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(model, state):
+    now = model.state_dict()
+    return now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+
+
+# --------------------------------------------------------------------------- hand-computed metric values
+
+
+def _hand_layer():
+    """One decoder layer: hidden 4, 2 query heads of dim 2 sharing 1 KV head, MLP 3, known weights."""
+    m = tiny_llama(0, vocab_size=16, hidden_size=4, num_hidden_layers=1, num_attention_heads=2,
+                   num_key_value_heads=1, intermediate_size=3)
+    layer = m.model.layers[0]
+    with torch.no_grad():
+        layer.mlp.gate_proj.weight.copy_(torch.tensor([[1., 0, 0, 0], [0, 2, 0, 0], [0, 0, 0, -1]]))
+        layer.mlp.up_proj.weight.copy_(torch.tensor([[0., 0, 1, 1], [0, 0, 0, 0], [3, 0, 0, 0]]))
+        layer.mlp.down_proj.weight.copy_(torch.tensor([[1., -2, 0], [0, 1, 3], [0, 0, 0], [0, 0, 0]]))
+        layer.self_attn.o_proj.weight.copy_(torch.diag(torch.tensor([1., 2, 3, -4])))
+    attn = st.ChannelStats.zeros(4, "cpu")
+    attn.update(torch.tensor([[1., 1, 1, 1], [1, -1, 3, 1]]))
+    mlp = st.ChannelStats.zeros(3, "cpu")
+    mlp.update(torch.tensor([[1., 0, 2], [3, 0, -2]]))
+    return m, layer, st.Calibration([attn], [mlp], torch.zeros(1))
+
+
+def test_channel_statistics_by_hand():
+    _, _, cal = _hand_layer()
+    s = cal.mlp[0]
+    assert s.count == 2
+    assert torch.allclose(s.mean, torch.tensor([2., 0, 0], dtype=torch.float64))
+    assert torch.allclose(s.var, torch.tensor([2., 0, 8], dtype=torch.float64))  # sample variance, n - 1 = 1
+    assert torch.allclose(s.norm, torch.tensor([10., 0, 8], dtype=torch.float64).sqrt())
+
+
+def test_metric_scores_on_a_hand_made_layer():
+    _, layer, cal = _hand_layer()
+    r2, r8, r10 = math.sqrt(2), math.sqrt(8), math.sqrt(10)
+    mag = st.MagnitudeSP().score(layer, 0, cal)
+    # |gate row| + |up row| + |down column| = [1+2+1, 2+0+3, 1+3+3]
+    assert torch.allclose(mag["mlp"], torch.tensor([4., 5, 7], dtype=torch.float64))
+    wanda = st.WandaSP().score(layer, 0, cal)
+    assert torch.allclose(wanda["mlp"], torch.tensor([1 * r10, 0, 3 * r8], dtype=torch.float64))
+    assert torch.allclose(wanda["attn"], torch.tensor([1 * r2, 2 * r2, 3 * r10, 4 * r2], dtype=torch.float64))
+    flap = st.Fluctuation().score(layer, 0, cal)
+    # Var(x_j) * ||W[:, j]||^2: mlp var [2, 0, 8] x [1, 5, 9]; attn var [0, 2, 2, 0] x [1, 4, 9, 16]
+    assert torch.allclose(flap["mlp"], torch.tensor([2., 0, 72], dtype=torch.float64))
+    assert torch.allclose(flap["attn"], torch.tensor([0., 8, 18, 0], dtype=torch.float64))
+
+
+def test_hand_layer_plan_removes_the_least_fluctuating_channel_and_head():
+    model, _, cal = _hand_layer()
+    cal.block_influence = torch.zeros(1)
+    # one MLP channel costs 3 * 4 = 12 parameters: remove exactly one
+    plan = st.plan_structured(model, cal, 12 / count_parameters(model), "flap", structure="mlp",
+                              allocation="uniform")
+    assert plan.layers[0].channels.tolist() == [0, 2]  # channel 1 never fluctuates (score 0)
+    heads = st.plan_structured(model, cal, 16 / count_parameters(model), "flap", structure="heads",
+                               allocation="uniform", min_keep=0.0)
+    assert heads.layers[0].heads.tolist() == [1]  # head 0 scores 0 + 8, head 1 scores 18 + 0
+
+
+def test_taylor_equals_first_order_of_the_full_batch_loss(tiny):
+    model, cal = tiny
+    ids = _ids()
+    m = copy.deepcopy(model)
+    logits = m(input_ids=ids).logits[:, :-1]
+    loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    loss.backward()
+    mlp = m.model.layers[1].mlp
+    expected = ((mlp.gate_proj.weight * mlp.gate_proj.weight.grad).abs().sum(1)
+                + (mlp.up_proj.weight * mlp.up_proj.weight.grad).abs().sum(1)
+                + (mlp.down_proj.weight * mlp.down_proj.weight.grad).abs().sum(0))
+    assert torch.allclose(cal.taylor[1]["mlp"].float(), expected, rtol=1e-4, atol=1e-8)
+    # the calibrated model kept its flags and has no gradients left behind
+    assert all(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
+
+
+def test_running_statistics_equal_statistics_of_stored_activations(tiny):
+    model, cal = tiny
+    seen = []
+    h = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda _m, a: seen.append(a[0].reshape(-1, 96)))
+    try:
+        with torch.no_grad():
+            model.model(input_ids=_ids())
+    finally:
+        h.remove()
+    x = torch.cat(seen).double()
+    assert cal.mlp[0].count == len(x) == 8 * 24
+    assert torch.allclose(cal.mlp[0].mean, x.mean(0), atol=1e-6)
+    assert torch.allclose(cal.mlp[0].var, x.var(0), rtol=1e-4, atol=1e-8)
+
+
+# --------------------------------------------------------------------------- slicing equals zero-masking
+
+
+@pytest.mark.parametrize("metric", sorted(st.METRICS))
+@pytest.mark.parametrize("head_mode", st.HEAD_MODES)
+@pytest.mark.parametrize("allocation", st.ALLOCATIONS)
+def test_pruned_model_equals_zero_masked_dense_model(tiny, metric, head_mode, allocation):
+    model, cal = tiny
+    state = _state(model)
+    plan = st.plan_structured(model, cal, 0.3, metric, allocation=allocation, head_mode=head_mode)
+    small = st.prune_model(model, plan)
+    masked = apply_masks(copy.deepcopy(model), st.plan_masks(model, plan))
+    x = _ids(2, 20, seed=1)
+    assert torch.allclose(_logits(small, x), _logits(masked, x), atol=1e-5)
+    assert _same_state(model, state)  # the caller's model is untouched
+    heads_removed = any(len(p.heads) < 6 for p in plan.layers)
+    assert heads_removed and all(len(p.channels) < 96 for p in plan.layers)
+    if head_mode == "group":
+        assert all(len(p.kv_heads) == len(p.heads) // 3 for p in plan.layers)
+    else:
+        assert all(len(p.kv_heads) == 2 for p in plan.layers)
+    # generation with the KV cache matches too
+    prompt = _ids(1, 6, seed=2)
+    a = small.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    b = masked.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(a, b)
+
+
+def test_hand_written_gqa_plan_per_group(tiny):
+    model, _ = tiny
+    plan = st.full_plan(model)
+    plan.layers[0].heads = torch.tensor([0, 2, 4, 5])  # two of three query heads in each KV group
+    plan.layers[1].heads, plan.layers[1].kv_heads = torch.tensor([3, 4, 5]), torch.tensor([1])  # whole group 0
+    small = st.prune_model(model, plan)
+    assert small.model.layers[0].self_attn.num_key_value_groups == 2
+    assert small.model.layers[1].self_attn.k_proj.out_features == 8
+    masked = apply_masks(copy.deepcopy(model), st.plan_masks(model, plan))
+    x = _ids(2, 16, seed=3)
+    assert torch.allclose(_logits(small, x), _logits(masked, x), atol=1e-5)
+
+
+def test_parameter_counts_are_exact(tiny):
+    model, cal = tiny
+    plan = st.plan_structured(model, cal, 0.25, "wanda-sp", allocation="adaptive")
+    small = st.prune_model(model, plan)
+    h, d = 48, 8
+    expected = 128 * h + h  # tied embedding + final norm
+    for p in plan.layers:
+        q, kv, c = len(p.heads) * d, len(p.kv_heads) * d, len(p.channels)
+        expected += h * q * 2 + h * kv * 2 + 3 * h * c + 2 * h  # q, o, k, v, MLP, two norms
+    assert count_parameters(small) == expected
+    # the achieved ratio is the requested one, to within one removable unit
+    assert abs(1 - count_parameters(small) / count_parameters(model) - 0.25) < 3 * h * d / count_parameters(model)
+    # bias compensation adds exactly one bias vector to o_proj and down_proj of every layer
+    comp = st.prune_model(model, plan, calibration=cal, bias_compensation=True)
+    assert count_parameters(comp) == expected + 2 * 2 * h
+
+
+def test_uniform_allocation_gives_every_layer_the_same_widths(tiny):
+    model, cal = tiny
+    plan = st.plan_structured(model, cal, 0.2, "flap", allocation="uniform")
+    assert len({(len(p.heads), len(p.kv_heads), len(p.channels)) for p in plan.layers}) == 1
+
+
+# --------------------------------------------------------------------------- bias compensation
+
+
+def test_bias_compensation_keeps_the_mean_output_on_calibration_data(tiny):
+    model, cal = tiny
+    plan = st.plan_structured(model, cal, 0.3, "flap", allocation="uniform")
+    comp = st.prune_model(model, plan, calibration=cal, bias_compensation=True)
+    plain = st.prune_model(model, plan, calibration=cal, bias_compensation=False)
+    ids = _ids()
+    captured = []
+    h = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda _m, a: captured.append(a[0]))
+    hh = model.model.layers[1].self_attn.o_proj.register_forward_pre_hook(lambda _m, a: captured.append(a[0]))
+    try:
+        with torch.no_grad():
+            model.model(input_ids=ids)
+    finally:
+        h.remove(), hh.remove()
+    x_attn = torch.cat([c for c in captured if c.shape[-1] == 48]).reshape(-1, 48)
+    x_mlp = torch.cat([c for c in captured if c.shape[-1] == 96]).reshape(-1, 96)
+    p = plan.layers[1]
+    q_keep = (p.heads[:, None] * 8 + torch.arange(8)).flatten()
+    for name, x, keep in (("mlp.down_proj", x_mlp, p.channels), ("self_attn.o_proj", x_attn, q_keep)):
+        dense = model.model.layers[1].get_submodule(name)
+        with torch.no_grad():
+            want = dense(x).mean(0)
+            got = comp.model.layers[1].get_submodule(name)(x[:, keep]).mean(0)
+            without = plain.model.layers[1].get_submodule(name)(x[:, keep]).mean(0)
+        err, err_without = (got - want).abs().max(), (without - want).abs().max()
+        assert err < 1e-3 * err_without and err_without > 1e-5  # exact up to float error; without it, off
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def test_block_influence_drops_an_identity_layer_first():
+    model = tiny_llama(0, num_hidden_layers=3)
+    with torch.no_grad():  # layer 1 adds nothing to the residual stream: its output equals its input
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+        model.model.layers[1].mlp.down_proj.weight.zero_()
+    cal = st.calibrate(model, _ids(4, 16), batch_size=2)
+    assert cal.block_influence[1] < 1e-6 < cal.block_influence[0] and cal.block_influence[2] > 1e-6
+    plan = st.plan_layer_removal(model, cal, n_layers=1)
+    assert plan.drop_layers == (1,)
+    small = st.prune_model(model, plan)
+    assert len(small.model.layers) == small.config.num_hidden_layers == 2
+    assert [layer.self_attn.layer_idx for layer in small.model.layers] == [0, 1]
+    x = _ids(2, 12, seed=4)
+    assert torch.allclose(_logits(small, x), _logits(model, x), atol=1e-5)  # an identity layer is free to drop
+    out = small.generate(x[:1, :4], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 8)
+
+
+# --------------------------------------------------------------------------- save and reload
+
+
+def test_save_load_round_trip_with_different_widths_biases_and_dropped_layers(tiny, tmp_path):
+    model, cal = tiny
+    plan = st.plan_structured(model, cal, 0.3, "flap", allocation="adaptive", head_mode="query")
+    small = st.prune_model(model, plan, calibration=cal, bias_compensation=True)
+    big = tiny_llama(1, num_hidden_layers=3)
+    cal3 = st.calibrate(big, _ids(4, 16), batch_size=4)
+    dropped = st.prune_model(big, st.plan_layer_removal(big, cal3, n_layers=1))
+    for i, m in enumerate((small, dropped)):
+        folder = st.save_pruned(m, tmp_path / str(i))
+        assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pt"))  # no pickle
+        again = st.load_pruned(folder)
+        x = _ids(2, 16, seed=5)
+        assert torch.equal(_logits(again, x), _logits(m, x))
+        assert count_parameters(again) == count_parameters(m)
+        assert st.structure_of(again) == st.structure_of(m)
+    assert st.structure_of(small)["layers"][0]["o_proj_bias"] is True
+    with pytest.raises(FileNotFoundError, match="save_pruned"):
+        st.load_pruned(tmp_path / "nowhere")
+
+
+# --------------------------------------------------------------------------- other Llama-style models
+
+
+def test_qwen2_style_model_with_attention_biases():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:  # random q/k/v biases, so masking them matters
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                lin.bias.normal_()
+    ids = _ids(4, 16, vocab=64)
+    cal = st.calibrate(model, ids, batch_size=2)
+    plan = st.plan_structured(model, cal, 0.2, "wanda-sp", head_mode="group")
+    small = st.prune_model(model, plan)
+    masked = apply_masks(copy.deepcopy(model), st.plan_masks(model, plan))
+    x = _ids(2, 10, vocab=64, seed=6)
+    assert torch.allclose(_logits(small, x), _logits(masked, x), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+def test_lora_recovery_is_merged_into_an_ordinary_model(tiny):
+    model, cal = tiny
+    small, _ = st.structured_prune(model, 0.3, "flap", calibration=cal)
+    n = count_parameters(small)
+    before = _logits(small, _ids(1, 8, seed=7))
+    recovered = st.lora_recover(small, _ids(16, 24, seed=8), steps=3, lr=1e-2, batch_size=4)
+    assert count_parameters(recovered) == n
+    assert not any("lora" in name for name, _ in recovered.named_parameters())
+    assert not torch.allclose(_logits(recovered, _ids(1, 8, seed=7)), before)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_is_refused_before_anything_changes(tiny):
+    model, cal = tiny
+    state = _state(model)
+    for ratio in (-0.1, 1.0, 1.5, "0.2"):
+        with pytest.raises(ValueError, match="ratio"):
+            st.structured_prune(model, ratio, "flap", calibration=cal, inplace=True)
+    with pytest.raises(ValueError, match="Unknown metric"):
+        st.structured_prune(model, 0.2, "obd", calibration=cal, inplace=True)
+    with pytest.raises(ValueError, match="every head|head units"):
+        st.plan_structured(model, cal, 0.17, "flap", structure="heads", allocation="uniform")
+    with pytest.raises(ValueError, match="needs calibration"):
+        st.plan_structured(model, None, 0.2, "wanda-sp")
+    bad = st.full_plan(model)
+    bad.layers[1].heads = torch.tensor([0, 1, 3])  # two heads from group 0, one from group 1
+    with pytest.raises(ValueError, match="GQA"):
+        st.prune_model(model, bad, inplace=True)
+    empty = st.full_plan(model)
+    empty.layers[0].channels = torch.empty(0, dtype=torch.long)
+    with pytest.raises(ValueError, match="keeps no channels"):
+        st.prune_model(model, empty, inplace=True)
+    with pytest.raises(ValueError, match="bias_compensation"):
+        st.prune_model(model, st.full_plan(model), bias_compensation=True, inplace=True)
+    with pytest.raises(ValueError, match="at least one"):
+        st.plan_layer_removal(model, cal, n_layers=2)
+    with pytest.raises(ValueError, match="token ids"):
+        st.calibrate(model, torch.zeros(3))
+    assert _same_state(model, state) and model.config.num_attention_heads == 6
+    assert all(len(layer.self_attn.q_proj.weight) == 48 for layer in model.model.layers)
+
+
+def test_unsupported_architecture_names_what_is_missing():
+    from pruning_lab.models import make_model
+
+    with pytest.raises(ValueError, match="model.model.layers"):
+        st.calibrate(make_model("lenet"), _ids())
+    model = tiny_llama(0)
+    model.model.layers[0].mlp.gate_proj = nn.Identity()
+    with pytest.raises(ValueError, match="mlp.gate_proj"):
+        st.plan_structured(model, None, 0.2, "magnitude")
+
+
+def test_calibration_text_shorter_than_one_sequence():
+    from pruning_lab.data import calibration_batch
+    from transformers import PreTrainedTokenizerFast  # noqa: F401  (any tokenizer will do)
+
+    class Words:
+        def __call__(self, text, **_):
+            return {"input_ids": list(range(len(text.split())))}
+
+    with pytest.raises(ValueError, match="fewer than one sequence"):
+        calibration_batch(Words(), "too short a text", 4, 128)
