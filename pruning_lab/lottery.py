@@ -230,8 +230,17 @@ def interpolate(state_a: dict[str, torch.Tensor], state_b: dict[str, torch.Tenso
 
 
 def error_barrier(errors: list[float]) -> float:
-    """Frankle et al. (2020): max error on the path minus the mean of the two endpoints' errors."""
+    """Frankle et al. (2020): max error on the path minus the mean of the two endpoints' errors.
+
+    Positive whenever the endpoints differ, even on a path without any bump; see ``chord_barrier``."""
     return max(errors) - 0.5 * (errors[0] + errors[-1])
+
+
+def chord_barrier(errors: list[float]) -> float:
+    """Largest rise of the error above the straight chord between the endpoints' errors (points are
+    equally spaced in α); 0 when the path never rises above the chord."""
+    n = len(errors) - 1
+    return max(max(e - ((n - i) * errors[0] + i * errors[-1]) / n for i, e in enumerate(errors)), 0.0)
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -357,6 +366,9 @@ class LotteryRun:
     # ----------------------------------------------------------------- training
     def _train(self, model: nn.Module, masks: Masks | None, seed: int, desc: str,
                on_step: Callable[[int, nn.Module], None] | None = None) -> dict:
+        """``pruning_lab.train.train`` with the mask kept, plus the LTH's measures: the early-stop
+        iteration (minimum validation loss) and the *test* accuracy of the weights at that iteration
+        (a copy is kept whenever the validation loss improves; the test set is used once)."""
         keep = keep_masked(model, masks) if masks is not None else None
         if on_step is None:
             hook = keep
@@ -369,12 +381,28 @@ class LotteryRun:
                 counter[0] += 1
                 on_step(counter[0], m)
 
+        params = list(model.parameters())
+        best = {"loss": math.inf, "weights": [p.detach().clone() for p in params]}
+
+        @torch.no_grad()
+        def on_eval(it: int, m: nn.Module, entry: dict) -> None:
+            if entry["val_loss"] < best["loss"]:  # first minimum wins, like TrainResult.early_stop_iteration
+                best["loss"] = entry["val_loss"]
+                torch._foreach_copy_(best["weights"], [p.detach() for p in params])
+
         t0 = time.perf_counter()
-        res = train(model, self.data, self.hp.train.config(seed), after_step=hook, progress=self.progress, desc=desc)
-        best = min(res.history, key=lambda h: h["val_loss"])
-        return {"test_accuracy": res.test_accuracy, "best_val_accuracy": res.best_val_accuracy,
-                "early_stop_iteration": res.early_stop_iteration, "early_stop_val_accuracy": best["val_accuracy"],
-                "history": res.history, "wall_time_s": time.perf_counter() - t0}
+        res = train(model, self.data, self.hp.train.config(seed), after_step=hook, on_eval=on_eval,
+                    progress=self.progress, desc=desc)
+        stop = min(res.history, key=lambda h: h["val_loss"])
+        final = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            torch._foreach_copy_(params, best["weights"])
+            early_test = evaluate(model, self.data.x_test, self.data.y_test)[1]
+            torch._foreach_copy_(params, final)
+        return {"test_accuracy": res.test_accuracy, "early_stop_test_accuracy": early_test,
+                "best_val_accuracy": res.best_val_accuracy, "early_stop_iteration": res.early_stop_iteration,
+                "early_stop_val_accuracy": stop["val_accuracy"], "history": res.history,
+                "wall_time_s": time.perf_counter() - t0}
 
     def _dense_level(self) -> dict:
         hp, k = self.hp, self.hp.pruning.rewind_iteration
@@ -516,6 +544,7 @@ class LotteryRun:
             model.load_state_dict(interpolate(ends[0], ends[1], a))
             errors.append(1.0 - evaluate(model, self.data.x_test, self.data.y_test)[1])
         out = {**key, **_count_kept(masks), "alpha": grid, "test_error": errors, "barrier": error_barrier(errors),
+               "chord_barrier": chord_barrier(errors),
                "rewind_iteration": self.hp.pruning.rewind_iteration}
         write_json(path, out)
         return out
@@ -549,7 +578,12 @@ def _std(xs):
 
 
 def summarize(runs: list[LotteryRun]) -> dict:
-    """Seed-averaged numbers per level (with the per-seed values and sample std alongside)."""
+    """Seed-averaged numbers per level (with the per-seed values and sample std alongside).
+
+    ``<net>_accuracy`` is the test accuracy at the early-stop iteration (the LTH paper's measure);
+    ``<net>_final_accuracy`` the test accuracy after the last iteration. ``<net>`` is ``ticket`` or
+    a baseline name; level 0 (the dense net) has only ``ticket_*``.
+    """
     if not runs:
         raise ValueError("summarize() needs at least one run.")
     n_levels = min(len(r.levels) for r in runs)
@@ -558,22 +592,23 @@ def summarize(runs: list[LotteryRun]) -> dict:
         per = [r.levels[level] for r in runs]
         row = {"level": level, "weights_remaining": per[0]["weights_remaining"],
                "layer_remaining": per[0]["layer_remaining"]}
-        cols = {"ticket_accuracy": lambda p: p["ticket"]["test_accuracy"],
-                "ticket_early_stop_iteration": lambda p: p["ticket"]["early_stop_iteration"],
-                "ticket_early_stop_val_accuracy": lambda p: p["ticket"]["early_stop_val_accuracy"],
-                "ticket_wall_time_s": lambda p: p["wall_time_s"]}
-        for b in BASELINES:
-            cols[f"{b}_accuracy"] = (lambda b: lambda p: p[b]["test_accuracy"] if b in p else None)(b)
-            cols[f"{b}_early_stop_iteration"] = (lambda b: lambda p: p[b]["early_stop_iteration"] if b in p else None)(b)
-        cols["baselines_wall_time_s"] = lambda p: p.get("baselines_wall_time_s", 0.0)
-        for name, get in cols.items():
-            vals = [get(p) for p in per]
+        cols = {"ticket_wall_time_s": lambda p: p["wall_time_s"],
+                "baselines_wall_time_s": lambda p: p.get("baselines_wall_time_s", 0.0)}
+        for net in ("ticket",) + BASELINES:
+            def get(key, net=net):
+                return lambda p: (p["ticket"] if net == "ticket" else p[net])[key] if net == "ticket" or net in p else None
+            cols[f"{net}_accuracy"] = get("early_stop_test_accuracy")
+            cols[f"{net}_final_accuracy"] = get("test_accuracy")
+            cols[f"{net}_early_stop_iteration"] = get("early_stop_iteration")
+        for name, getter in cols.items():
+            vals = [getter(p) for p in per]
             row[name] = _mean(vals)
             row[f"{name}_std"] = _std(vals)
             row[f"{name}_per_seed"] = vals
         rows.append(row)
     return {"seeds": [r.hp.seed for r in runs], "dense_accuracy": rows[0]["ticket_accuracy"],
-            "dense_accuracy_per_seed": rows[0]["ticket_accuracy_per_seed"], "levels": rows}
+            "dense_accuracy_per_seed": rows[0]["ticket_accuracy_per_seed"],
+            "dense_final_accuracy": rows[0]["ticket_final_accuracy"], "levels": rows}
 
 
 def rewind_sweep(hp: LotteryHparams, ks: Iterable[int], level: int, seeds: Iterable[int],
@@ -583,9 +618,11 @@ def rewind_sweep(hp: LotteryHparams, ks: Iterable[int], level: int, seeds: Itera
     out = []
     for k in ks:
         runs = run_seeds(hp.with_(**{"pruning.rewind_iteration": k}), seeds, level, baselines=(), root=root, **kwargs)
-        accs = [r.levels[level]["ticket"]["test_accuracy"] for r in runs]
+        accs = [r.levels[level]["ticket"]["early_stop_test_accuracy"] for r in runs]
+        finals = [r.levels[level]["ticket"]["test_accuracy"] for r in runs]
         stops = [r.levels[level]["ticket"]["early_stop_iteration"] for r in runs]
         out.append({"rewind_iteration": k, "level": level, "weights_remaining": runs[0].levels[level]["weights_remaining"],
                     "ticket_accuracy": _mean(accs), "ticket_accuracy_std": _std(accs), "ticket_accuracy_per_seed": accs,
+                    "ticket_final_accuracy": _mean(finals), "ticket_final_accuracy_per_seed": finals,
                     "ticket_early_stop_iteration": _mean(stops), "ticket_early_stop_iteration_per_seed": stops})
     return out

@@ -68,11 +68,14 @@ def batches(n: int, batch_size: int, generator: torch.Generator):
 def train(model: nn.Module, data, cfg: TrainConfig | None = None, *,
           after_step: Callable[[nn.Module], None] | None = None,
           optimizer: torch.optim.Optimizer | None = None,
+          on_eval: Callable[[int, nn.Module, dict], None] | None = None,
           progress: bool = True, desc: str = "train") -> TrainResult:
     """Train ``model`` on ``data`` (an ``ImageData``) for ``cfg.iterations`` steps.
 
     Validation (``data.x_val``) is measured every ``cfg.eval_every`` steps and at the end; the
-    test set only once, at the end. Returns the history and the final test accuracy.
+    test set only once, at the end. ``on_eval(iteration, model, history_entry)`` is called after
+    each validation (e.g. to keep the weights of the best one). Returns the history and the final
+    test accuracy.
     """
     cfg = cfg or TrainConfig()
     device = next(model.parameters()).device
@@ -97,6 +100,8 @@ def train(model: nn.Module, data, cfg: TrainConfig | None = None, *,
         if has_val and ((cfg.eval_every and it % cfg.eval_every == 0) or it == cfg.iterations):
             val_loss, val_acc = evaluate(model, data.x_val, data.y_val)
             result.history.append({"iteration": it, "val_loss": val_loss, "val_accuracy": val_acc})
+            if on_eval is not None:
+                on_eval(it, model, result.history[-1])
             model.train()
     result.test_accuracy = accuracy(model, data.x_test, data.y_test)
     model.eval()

@@ -12,7 +12,7 @@ from torch import nn
 
 from pruning_lab.data import load_image_data
 from pruning_lab.lottery import (DataHparams, LotteryHparams, LotteryRun, ModelHparams, PruningHparams,
-                                 TrainHparams, error_barrier, imp_step, interpolate, one_shot_masks, reset_to,
+                                 TrainHparams, chord_barrier, error_barrier, imp_step, interpolate, one_shot_masks, reset_to,
                                  summarize)
 from pruning_lab.magnitude import prunable_parameters, prune_remaining
 from pruning_lab.models import make_model
@@ -72,6 +72,11 @@ def test_prune_remaining_hand_computed():
 
 def test_error_barrier_and_interpolation_endpoints():
     assert error_barrier([0.1, 0.3, 0.2]) == pytest.approx(0.3 - 0.15)
+    assert chord_barrier([0.1, 0.3, 0.2]) == pytest.approx(0.3 - 0.15)
+    # a monotone path: the paper's definition reports the endpoint gap, the chord version 0
+    assert error_barrier([0.2, 0.15, 0.1]) == pytest.approx(0.05)
+    assert chord_barrier([0.2, 0.15, 0.1]) == 0.0
+    assert chord_barrier([0.2, 0.2, 0.1]) == pytest.approx(0.05)
     a, b = make_model("lenet", 0).state_dict(), make_model("lenet", 1).state_dict()
     for n, t in interpolate(a, b, 0.0).items():
         assert torch.equal(t, a[n])
@@ -153,6 +158,20 @@ def test_reset_restores_theta_k_on_survivors_and_zero_on_pruned(tmp_path, data):
         assert torch.count_nonzero(final[n][~m]) == 0
 
 
+def test_early_stop_accuracy_is_that_of_the_early_stop_weights(tmp_path, data):
+    hp = tiny_hp(**{"train.iterations": 60})
+    r = run(tmp_path, data, hp)
+    dense = r.run(1, baselines=())[0]["ticket"]
+    stop = dense["early_stop_iteration"]
+    seen = []
+    ref = make_model("lenet", hp.seed)
+    res = train(ref, r.data, TrainConfig(iterations=stop, eval_every=10, seed=hp.seed), progress=False,
+                on_eval=lambda it, m, entry: seen.append((it, entry["val_loss"])))
+    assert res.test_accuracy == dense["early_stop_test_accuracy"]
+    assert [it for it, _ in seen] == [h["iteration"] for h in res.history] == list(range(10, stop + 1, 10))
+    assert dense["history"][: len(seen)] == res.history  # same weights at every shared evaluation
+
+
 def test_baselines_keep_per_layer_sparsity(tmp_path, data):
     r = run(tmp_path, data)
     rows = r.run(2)
@@ -164,8 +183,20 @@ def test_baselines_keep_per_layer_sparsity(tmp_path, data):
     assert rows[2]["layer_remaining"]["fc1.weight"] == pytest.approx(0.25)
     assert rows[2]["layer_remaining"]["fc3.weight"] == pytest.approx(0.5625, abs=1e-3)
     s = summarize([r])
-    assert s["dense_accuracy"] == rows[0]["ticket"]["test_accuracy"]
+    assert s["dense_accuracy"] == rows[0]["ticket"]["early_stop_test_accuracy"]
+    assert s["dense_final_accuracy"] == rows[0]["ticket"]["test_accuracy"]
     assert [lv["weights_remaining"] for lv in s["levels"]] == [row["weights_remaining"] for row in rows]
+
+
+def test_conv_net_runs_with_the_output_rate_on_its_last_layer(tmp_path, data):
+    hp = tiny_hp(model=ModelHparams(name="conv2", width=0.125), **{"train.iterations": 20})
+    rows = run(tmp_path, data, hp).run(1)
+    layers = rows[1]["layer_remaining"]
+    assert set(layers) == {"features.0.weight", "features.2.weight", "fc1.weight", "fc2.weight", "fc3.weight"}
+    assert layers["features.0.weight"] == pytest.approx(0.5, abs=0.01)  # 72 weights: round(0.5 * 72)
+    assert layers["fc3.weight"] == pytest.approx(0.75, abs=0.01)
+    for b in ("random_reinit", "random_mask", "one_shot"):
+        assert rows[1][b]["layer_remaining"] == layers
 
 
 # --------------------------------------------------------------------------- resumable runs
@@ -265,3 +296,33 @@ def test_instability_endpoints_and_cache(tmp_path, data):
     assert out["barrier"] == pytest.approx(error_barrier(out["test_error"]))
     assert out["barrier"] >= max(out["test_error"]) - max(out["test_error"][0], out["test_error"][-1]) - 1e-12
     assert r.instability(1, alphas=3) == out  # cached
+
+
+# --------------------------------------------------------------------------- the notebook
+
+
+def test_notebook_smoke_run(smoke_runs):
+    results, nb_path = smoke_runs("02_lottery_tickets")
+    assert results["seeds"] == [0]
+    levels = results["levels"]
+    assert len(levels) == 3  # dense + 2 IMP levels
+    assert results["dense_accuracy"] == levels[0]["ticket_accuracy"]
+    # rate 0.36 per level on hidden layers (0.64^n left), 0.19 on the output layer
+    for n, lv in enumerate(levels):
+        assert lv["layer_remaining"]["fc1.weight"] == pytest.approx(0.64 ** n, abs=1e-4)
+        assert lv["layer_remaining"]["fc3.weight"] == pytest.approx(0.81 ** n, abs=2e-3)
+    for lv in levels[1:]:
+        for key in ("ticket_accuracy", "random_reinit_accuracy", "random_mask_accuracy", "one_shot_accuracy"):
+            assert 0.1 < lv[key] <= 1.0, key  # better than chance on 10 classes
+            assert lv[f"{key}_per_seed"] == [lv[key]]
+        for key in ("ticket_early_stop_iteration", "random_reinit_early_stop_iteration"):
+            assert 25 <= lv[key] <= 100 and lv[key] % 25 == 0
+        assert lv["ticket_wall_time_s"] > 0 and lv["baselines_wall_time_s"] > 0
+    assert [p["rewind_iteration"] for p in results["rewind"]["points"]] == [0, 10]
+    assert results["rewind"]["points"][0]["ticket_accuracy"] == levels[1]["ticket_accuracy"]  # k=0 is the main run
+    for name in ("dense", "ticket"):
+        inst = results["instability"][name]
+        assert len(inst["test_error"]) == 3 and inst["alpha"] == [0.0, 0.5, 1.0]
+        assert inst["barrier"] == pytest.approx(error_barrier(inst["test_error"]))
+    assert results["instability"]["ticket"]["weights_remaining"] == pytest.approx(levels[1]["weights_remaining"])
+    assert (nb_path.parent / "results" / "figures" / "02_lottery_tickets" / "lth_accuracy_and_early_stop.png").is_file()
