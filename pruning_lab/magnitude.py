@@ -86,11 +86,12 @@ def _abs_bits(w: torch.Tensor) -> torch.Tensor:
     return w.detach().float().view(torch.int32) & 0x7FFFFFFF
 
 
-def _kth_smallest_abs(tensors: list[torch.Tensor], k: int) -> torch.Tensor:
-    """The k-th smallest (1-based) |w| over all ``tensors``, by a two-pass radix select.
+def _kth_smallest_abs(tensors: list[torch.Tensor], k: int) -> tuple[torch.Tensor, int]:
+    """The k-th smallest (1-based) |w| over all ``tensors`` and how many |w| lie strictly below it.
 
-    Pass 1 counts the top 16 bits of every bit pattern, pass 2 the low 16 bits inside the one
-    bucket that holds the k-th value. Memory: one layer's temporaries, never a global copy.
+    A two-pass radix select: pass 1 counts the top 16 bits of every bit pattern, pass 2 the low
+    16 bits inside the one bucket that holds the k-th value. Memory: one layer's temporaries,
+    never a global copy of the scores.
     """
     device = tensors[0].device
     hist = torch.zeros(1 << 15, dtype=torch.long, device=device)
@@ -104,7 +105,8 @@ def _kth_smallest_abs(tensors: list[torch.Tensor], k: int) -> torch.Tensor:
         bits = _abs_bits(w).flatten()
         hist_lo += torch.bincount(bits[(bits >> 16) == hi] & 0xFFFF, minlength=1 << 16)
     lo = int(torch.searchsorted(hist_lo.cumsum(0), torch.tensor(k - below, device=device)))
-    return torch.tensor((hi << 16) | lo, dtype=torch.int32).view(torch.float32)
+    threshold = torch.tensor((hi << 16) | lo, dtype=torch.int32).view(torch.float32)
+    return threshold, below + int(hist_lo[:lo].sum())
 
 
 def _prune_smallest(tensors: list[torch.Tensor], n_prune: int) -> list[torch.Tensor]:
@@ -114,16 +116,19 @@ def _prune_smallest(tensors: list[torch.Tensor], n_prune: int) -> list[torch.Ten
     total = sum(w.numel() for w in tensors)
     if n_prune >= total:
         return [torch.zeros_like(w, dtype=torch.bool) for w in tensors]
-    t = _kth_smallest_abs(tensors, n_prune).to(tensors[0].device)
-    below = [int((w.detach().float().abs() < t).sum()) for w in tensors]
-    quota = n_prune - sum(below)  # how many of the ties at t must go, first layers first
+    t, n_below = _kth_smallest_abs(tensors, n_prune)
+    t = t.to(tensors[0].device)
+    quota = n_prune - n_below  # how many of the ties at t must go, first layers first
     masks = []
     for w in tensors:
         a = w.detach().float().abs()
+        if quota <= 0:  # every tie left is kept
+            masks.append(a >= t)
+            continue
         m = a > t
         ties = a == t
         n_ties = int(ties.sum())
-        drop = min(max(quota, 0), n_ties)
+        drop = min(quota, n_ties)
         if drop < n_ties:  # keep the ties after the first `drop` of this layer
             flat = ties.view(-1)
             m.view(-1)[flat & (flat.cumsum(0) > drop)] = True

