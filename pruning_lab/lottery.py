@@ -286,6 +286,9 @@ class LotteryRun:
         self.dir = Path(run_dir) if run_dir is not None else Path(root or cache_dir("lottery")) / hp.hash
         self.progress = progress
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if data is not None and getattr(data, "x_val", None) is None:
+            raise ValueError("data has no validation split (x_val): the early-stop iteration needs one. Load it with "
+                             "load_image_data(..., val_size=5000) or set x_val/y_val carved from the training set.")
         if data is not None and data.name != hp.data.name:
             raise ValueError(f"data is {data.name!r} but hp.data.name is {hp.data.name!r}: set "
                              f"DataHparams(name={data.name!r}) so the run folder's hash tells the data sets apart.")

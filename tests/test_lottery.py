@@ -282,6 +282,10 @@ def test_bad_input_is_refused(tmp_path, data):
         r.run(1, baselines=("lucky",))
     with pytest.raises(ValueError, match="has not been run"):
         r.instability(1)
+    with pytest.raises(ValueError, match="validation split"):
+        run(tmp_path, replace(data, x_val=None, y_val=None), name="noval")
+    with pytest.raises(ValueError, match="hp.data.name"):
+        run(tmp_path, replace(data, name="digits"), name="otherdata")
     assert not (r.dir / "level_0").exists()  # nothing was trained by the refused calls
 
 
