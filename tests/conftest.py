@@ -1,18 +1,11 @@
-"""Shared fixtures. Tests never write into the committed results/: every run gets its own folder."""
+"""Shared fixtures. Tests never write into the committed results/ (see the root conftest.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import pytest
-
-# Set before any kernel starts (nbval's and papermill's kernels inherit it): the committed notebooks
-# re-executed by nbval record into a scratch folder, not into the repository's results/.
-os.environ.setdefault("PRUNING_LAB_RESULTS", tempfile.mkdtemp(prefix="pruning_lab_results_"))
-os.environ.setdefault("MPLBACKEND", "Agg")
 
 ROOT = Path(__file__).resolve().parents[1]
 
