@@ -320,6 +320,10 @@ class LotteryRun:
         if not self._data_ready:
             d = self.hp.data
             data = self._data or load_image_data(d.name, val_size=d.val_size, seed=d.split_seed, root=self._data_root)
+            if data.name != d.name:  # load_image_data fell back to another data set
+                raise ValueError(f"{d.name} is not available here (the loader fell back to {data.name!r}). Install it, "
+                                 f"or run on {data.name!r} explicitly (DataHparams(name={data.name!r}), the notebook's "
+                                 "dataset parameter) so those runs get their own folders.")
             if d.train_size and len(data.x_train) > d.train_size:
                 data = replace(data, x_train=data.x_train[:d.train_size], y_train=data.y_train[:d.train_size])
             self._data, self._data_ready = data.to(self.device), True

@@ -289,6 +289,16 @@ def test_bad_input_is_refused(tmp_path, data):
     assert not (r.dir / "level_0").exists()  # nothing was trained by the refused calls
 
 
+def test_a_data_fallback_is_refused_not_mixed_into_the_run(tmp_path, data, monkeypatch):
+    import pruning_lab.lottery as lottery
+
+    monkeypatch.setattr(lottery, "load_image_data", lambda *a, **k: replace(data, name="digits"))
+    r = LotteryRun(tiny_hp(), run_dir=tmp_path / "fb", progress=False)
+    with pytest.raises(ValueError, match="fell back to 'digits'"):
+        r.run(1)
+    assert not (r.dir / "level_0").exists()
+
+
 # --------------------------------------------------------------------------- stability
 
 
