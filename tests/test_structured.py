@@ -355,3 +355,24 @@ def test_calibration_text_shorter_than_one_sequence():
 
     with pytest.raises(ValueError, match="fewer than one sequence"):
         calibration_batch(Words(), "too short a text", 4, 128)
+
+
+# --------------------------------------------------------------------------- the notebook
+
+
+def test_notebook_smoke_run(smoke_runs):
+    results, nb_path = smoke_runs("03_structured_llm")
+    dense = results["dense"]
+    assert dense["params"] > 0 and dense["perplexity"] > 1
+    assert dense["prefill_tokens_per_s"] > 0 and dense["decode_tokens_per_s"] > 0
+    runs = results["runs"]
+    assert {r["method"] for r in runs} >= {"magnitude", "wanda-sp", "taylor", "flap"}
+    for r in runs:
+        assert set(r) >= {"method", "ratio", "structure", "params", "perplexity", "prefill_speedup", "decode_speedup"}
+        assert r["params"] < dense["params"] and r["perplexity"] > 1
+    assert {r["structure"] for r in runs} == {"heads+mlp", "layers"}
+    assert {r["bias_compensation"] for r in runs if r["method"] == "flap"} == {True, False}
+    assert any(r["lora"] for r in runs) and results["lora"]["steps"] >= 1
+    assert len(results["flap_kept_per_layer"]["layers"]) == 30  # SmolLM2's decoder layers
+    assert results["reload_max_abs_diff"] == 0.0
+    assert "held-out" in results["convention"] and nb_path.is_file()
