@@ -216,3 +216,39 @@ def test_gradual_pruning_reaches_the_target_with_nested_masks(monkeypatch):
     assert all(int((params[n][~k] != 0).sum()) == 0 for n, k in masks.items())
     with pytest.raises(ValueError, match="schedule ends"):
         mg.gradual_magnitude_pruning(m, d, TrainConfig(iterations=50), 0.9, start=20, n_prunes=4, frequency=20)
+
+
+def test_notebook_smoke_run_records_its_numbers(smoke_runs):
+    results, _ = smoke_runs("01_global_magnitude")
+    assert results["mask_agreement_vs_torch_prune"] == 1.0  # continuous trained weights: no ties
+    assert 0.5 < results["dense_accuracy"] <= 1.0
+    curves = results["accuracy_vs_sparsity"]
+    assert set(curves) == {"global", "layerwise", "erk"}
+    for rows in curves.values():
+        assert [r["sparsity"] for r in rows] == [0.0, 0.9]
+        assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    # at sparsity 0 every method is the same dense network fine-tuned the same way
+    assert len({rows[0]["accuracy"] for rows in curves.values()}) == 1
+    assert 5 < results["dense_perplexity"] < 100
+    ppl = results["llm_perplexity_vs_sparsity"]["global"]
+    assert [r["sparsity"] for r in ppl] == [0.5] and ppl[0]["perplexity"] > results["dense_perplexity"]
+    assert results["gradual_vs_oneshot"][0]["achieved_sparsity"] == pytest.approx(0.9, abs=1e-5)
+    assert results["layer_collapse"]["min_per_layer"] == 200
+    assert results["layer_collapse"]["kept_per_layer_global"]["fc1.weight"] == 0  # collapsed at init
+    assert min(results["layer_collapse"]["kept_per_layer_global_mt"].values()) >= 200
+
+
+def test_committed_notebook_results_tell_the_story():
+    """The committed classroom run (results/01_global_magnitude.json) holds the numbers the text cites."""
+    import json
+    from pathlib import Path
+
+    saved = json.loads((Path(__file__).resolve().parents[1] / "results" / "01_global_magnitude.json").read_text())
+    assert saved["mask_agreement_vs_torch_prune"] == 1.0
+    for key in ("accuracy_vs_sparsity", "dense_accuracy", "llm_perplexity_vs_sparsity", "dense_perplexity"):
+        assert key in saved
+    collapse = saved["layer_collapse"]
+    assert min(collapse["kept_per_layer_global_mt"].values()) >= collapse["min_per_layer"]
+    # an empty first layer makes the output constant: exactly chance on the balanced test set
+    assert collapse["kept_per_layer_global"]["fc1.weight"] == 0 and collapse["global_accuracy"] == 0.1
+    assert collapse["global_mt_accuracy"] > 0.5
