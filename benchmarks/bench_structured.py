@@ -1,0 +1,169 @@
+"""Structured pruning of SmolLM2-135M at 30% of parameters removed (heads + MLP channels): does it shrink and
+speed up, how long does FLAP take, and how much memory does pruning need?
+
+    .venv/bin/python benchmarks/bench_structured.py [--ratio 0.3] [--rounds 3] [--json out.json]
+
+Prints both timings and the ratios, all measured in this one run:
+- parameters pruned / dense;
+- prefill and decode tokens/s of the pruned model vs the dense one (alternating rounds, best of each);
+- FLAP's pruning time (calibration on 128 windows of 128 tokens, scoring, planning, slicing), in a subprocess;
+- that subprocess's peak resident memory while pruning, minus what it used before loading the model, in units
+  of the model's size (sampled every 5 ms from /proc/self/statm; ru_maxrss printed too).
+Issue targets: params <= 0.72x, prefill >= 1.3x, decode >= 1.2x, FLAP < 120 s, peak < 2x the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+CHILD = "--child-memory"
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Samples the resident set size in a thread; ``.peak`` is the highest value seen inside the block."""
+
+    def __init__(self, every: float = 0.005):
+        self.every, self.peak, self._stop = every, 0, threading.Event()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(self.every)
+
+    def __enter__(self):
+        self.peak = _rss_bytes()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
+def child(ratio: float, samples: int, seq_len: int) -> None:
+    """Load, calibrate, plan and prune in place with FLAP; print one JSON line."""
+    import gc
+    import resource
+
+    import torch
+
+    from pruning_lab import data
+    from pruning_lab import structured as st
+    from pruning_lab.eval import model_bytes
+    from pruning_lab.models import load_llm
+
+    corpus = data.python_docs_corpus()
+    gc.collect()
+    before_model = _rss_bytes()
+    model, tok = load_llm(None)
+    size = model_bytes(model)
+    ids = data.calibration_batch(tok, corpus.calibration, samples, seq_len, seed=0)
+    gc.collect()
+    with PeakRSS() as peak:
+        t0 = time.perf_counter()
+        cal = st.calibrate(model, ids, batch_size=8)
+        t1 = time.perf_counter()
+        plan = st.plan_structured(model, cal, ratio, "flap", allocation="adaptive")
+        model = st.prune_model(model, plan, calibration=cal, bias_compensation=True, inplace=True)
+        t2 = time.perf_counter()
+    print(json.dumps({
+        "model_bytes": size, "rss_before_model": before_model, "peak_rss_pruning": peak.peak,
+        "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "calibration_s": t1 - t0, "plan_and_slice_s": t2 - t1, "flap_total_s": t2 - t0,
+        "threads": torch.get_num_threads(), "tokens": ids.numel(),
+    }))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ratio", type=float, default=0.3)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating dense/pruned speed rounds")
+    parser.add_argument("--prompt-len", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--json", help="also write the numbers to this file")
+    parser.add_argument(CHILD, action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_memory:
+        child(args.ratio, args.samples, args.seq_len)
+        return 0
+
+    import torch
+
+    from pruning_lab import data
+    from pruning_lab import structured as st
+    from pruning_lab.eval import count_parameters, tokens_per_second
+    from pruning_lab.models import load_llm
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ratio {args.ratio}")
+    # 1. FLAP pruning time and memory, in a fresh process (its own peak RSS)
+    out = subprocess.run([sys.executable, __file__, CHILD, "--ratio", str(args.ratio), "--samples",
+                          str(args.samples), "--seq-len", str(args.seq_len)],
+                         capture_output=True, text=True, check=True)
+    mem = json.loads(out.stdout.strip().splitlines()[-1])
+    peak_x = (mem["peak_rss_pruning"] - mem["rss_before_model"]) / mem["model_bytes"]
+    print(f"FLAP pruning ({args.samples}x{args.seq_len} calibration tokens): calibration {mem['calibration_s']:.1f} s "
+          f"+ plan and slice {mem['plan_and_slice_s']:.1f} s = {mem['flap_total_s']:.1f} s")
+    print(f"memory: model {mem['model_bytes'] / 2**20:.0f} MiB; peak RSS while pruning "
+          f"{mem['peak_rss_pruning'] / 2**20:.0f} MiB, before loading {mem['rss_before_model'] / 2**20:.0f} MiB "
+          f"-> {peak_x:.2f}x the model (ru_maxrss {mem['ru_maxrss_bytes'] / 2**20:.0f} MiB)")
+
+    # 2. parameters and speed, dense vs pruned, measured alternately in this process
+    model, tok = load_llm(None)
+    corpus = data.python_docs_corpus()
+    ids = data.calibration_batch(tok, corpus.calibration, 32, 128, seed=0)
+    cal = st.calibrate(model, ids, batch_size=8)
+    variants = {}
+    for allocation in ("uniform", "adaptive"):
+        small, _ = st.structured_prune(model, args.ratio, "flap", calibration=cal, allocation=allocation)
+        variants[f"flap-{allocation}"] = small
+    dense_params = count_parameters(model)
+    best: dict[str, dict[str, float]] = {}
+    for _ in range(args.rounds):
+        for name, m in (("dense", model), *variants.items()):
+            sp = tokens_per_second(m, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=2)
+            b = best.setdefault(name, {"prefill_tokens_per_s": 0.0, "decode_tokens_per_s": 0.0})
+            for k, v in sp.items():
+                b[k] = max(b[k], v)
+    d = best["dense"]
+    print(f"dense: {dense_params:,} params, prefill {d['prefill_tokens_per_s']:.0f} tok/s, "
+          f"decode {d['decode_tokens_per_s']:.1f} tok/s (prompt {args.prompt_len}, {args.new_tokens} new tokens)")
+    report = {"ratio": args.ratio, "memory": mem, "peak_over_model": peak_x, "dense": {"params": dense_params, **d},
+              "pruned": {}}
+    for name, m in variants.items():
+        b, p = best[name], count_parameters(m)
+        row = {"params": p, "params_ratio": p / dense_params, **b,
+               "prefill_speedup": b["prefill_tokens_per_s"] / d["prefill_tokens_per_s"],
+               "decode_speedup": b["decode_tokens_per_s"] / d["decode_tokens_per_s"]}
+        report["pruned"][name] = row
+        print(f"{name}: {p:,} params = {row['params_ratio']:.3f}x; prefill {b['prefill_tokens_per_s']:.0f} tok/s = "
+              f"{row['prefill_speedup']:.2f}x; decode {b['decode_tokens_per_s']:.1f} tok/s = {row['decode_speedup']:.2f}x")
+    u = report["pruned"]["flap-uniform"]
+    checks = {"params <= 0.72x": u["params_ratio"] <= 0.72, "prefill >= 1.3x": u["prefill_speedup"] >= 1.3,
+              "decode >= 1.2x": u["decode_speedup"] >= 1.2, "FLAP < 120 s": mem["flap_total_s"] < 120,
+              "peak < 2x model": peak_x < 2}
+    report["targets_met"] = checks
+    print("targets (flap-uniform): " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in checks.items()))
+    if args.json:
+        from pruning_lab._io import write_json
+
+        write_json(args.json, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
