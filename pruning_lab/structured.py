@@ -779,6 +779,7 @@ def save_pruned(model: nn.Module, folder, tokenizer=None) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     structure = structure_of(model)
+    structure["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     model.config.save_pretrained(folder)
     save_model(model, str(folder / WEIGHTS_FILE))
     write_json(folder / STRUCTURE_FILE, structure)
@@ -790,7 +791,8 @@ def save_pruned(model: nn.Module, folder, tokenizer=None) -> Path:
 def load_pruned(folder, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> nn.Module:
     """Rebuild a model saved by ``save_pruned``: the architecture from config.json
     (``from_config``, no remote code), every layer resized to its saved sizes (with the biases bias
-    compensation added), then the safetensors weights loaded strictly. Returns it in eval mode."""
+    compensation added), then the safetensors weights loaded strictly. ``device`` defaults to CUDA
+    when present, ``dtype`` to the saved one. Returns it in eval mode."""
     from safetensors.torch import load_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -800,7 +802,12 @@ def load_pruned(folder, *, device: str | torch.device | None = None, dtype: torc
             raise FileNotFoundError(f"{folder / name} is missing: is {folder} a folder written by save_pruned()?")
     structure = read_json(folder / STRUCTURE_FILE)
     config = AutoConfig.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype) if dtype else AutoModelForCausalLM.from_config(config)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype is None:  # the dtype the weights were saved in
+        dtype = getattr(torch, structure.get("dtype", "float32"))
+    with torch.device(device):  # build on the target device at once: no second copy of a large model
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     layers = decoder_layers(model)
     if len(structure["layers"]) != len(layers):
         raise ValueError(f"{STRUCTURE_FILE} lists {len(structure['layers'])} layers, config.json {len(layers)}.")
@@ -817,11 +824,10 @@ def load_pruned(folder, *, device: str | torch.device | None = None, dtype: torc
             m.down_proj = _sliced(m.down_proj, torch.arange(c), 1)
             for lin, flag in ((a.o_proj, sizes["o_proj_bias"]), (m.down_proj, sizes["down_proj_bias"])):
                 if flag and lin.bias is None:
-                    lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype))
+                    lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype,
+                                                        device=lin.weight.device))
             _set_layer_sizes(layer, sizes["num_attention_heads"], sizes["num_key_value_heads"])
-    load_model(model, str(folder / WEIGHTS_FILE), strict=True)
-    if device is not None:
-        model.to(device)
+    load_model(model, str(folder / WEIGHTS_FILE), strict=True, device=str(device))
     return model.eval()
 
 
