@@ -403,3 +403,14 @@ def gradual_magnitude_pruning(model: nn.Module, data, cfg, final_sparsity: float
 
     result = train(model, data, cfg, after_step=after_step, progress=progress, desc=f"gradual {method}")
     return result, state["masks"]
+
+
+def prune_and_finetune(model: nn.Module, data, masks: Masks, cfg, *, progress: bool = False):
+    """One-shot pruning: apply ``masks``, measure test accuracy, then fine-tune with the masks held
+    (``keep_masked``). Returns ``(accuracy_before_finetune, TrainResult)``; ``model`` is changed."""
+    from .eval import accuracy
+    from .train import train
+
+    apply_masks(model, masks)
+    before = accuracy(model, data.x_test, data.y_test)
+    return before, train(model, data, cfg, after_step=keep_masked(model, masks), progress=progress, desc="fine-tune")

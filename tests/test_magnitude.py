@@ -252,3 +252,19 @@ def test_committed_notebook_results_tell_the_story():
     # an empty first layer makes the output constant: exactly chance on the balanced test set
     assert collapse["kept_per_layer_global"]["fc1.weight"] == 0 and collapse["global_accuracy"] == 0.1
     assert collapse["global_mt_accuracy"] > 0.5
+
+
+def test_prune_and_finetune_keeps_the_mask_and_reports_both_accuracies():
+    from pruning_lab.data import load_image_data
+    from pruning_lab.eval import accuracy
+    from pruning_lab.train import TrainConfig
+
+    d = load_image_data(val_size=500)
+    d = d.__class__(**{**d.__dict__, "x_train": d.x_train[:2000], "y_train": d.y_train[:2000]})
+    m = make_model("lenet", seed=0)
+    masks = mg.global_magnitude_masks(m, 0.9)
+    expected_before = accuracy(mg.apply_masks(copy.deepcopy(m), masks), d.x_test, d.y_test)
+    before, run = mg.prune_and_finetune(m, d, masks, TrainConfig(iterations=30, eval_every=0))
+    assert before == expected_before and run.test_accuracy == accuracy(m, d.x_test, d.y_test)
+    params = dict(m.named_parameters())
+    assert all(int((params[n][~k] != 0).sum()) == 0 for n, k in masks.items())
