@@ -7,6 +7,9 @@ One file per concept:
 - ``train``     a tensor-only training loop (no DataLoader) with a per-step hook for masks.
 - ``eval``      accuracy, perplexity, tokens/s, bytes.
 - ``workbook``  results JSON, figures, and rerunning notebooks with papermill.
+- ``magnitude`` the mask vocabulary; global / layer-wise / ERK magnitude pruning (chapter 01).
+- ``lottery``   iterative magnitude pruning with rewinding, resumable runs (chapter 02).
+- ``structured`` heads, MLP channels and layers sliced out of a Llama-style LLM (chapter 03).
 """
 
 from __future__ import annotations
