@@ -92,7 +92,7 @@ def train(model: nn.Module, data, cfg: TrainConfig | None = None, *,
     for it in tqdm(range(1, cfg.iterations + 1), desc=desc, disable=not progress, leave=False, mininterval=1.0):
         idx = next(stream).to(device)
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x[idx]), y[idx])
+        loss = loss_fn(model(x.index_select(0, idx)), y.index_select(0, idx))
         loss.backward()
         opt.step()
         if after_step is not None:
