@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -118,6 +119,42 @@ def tokens_per_second(model: nn.Module, *, prompt_len: int = 256, new_tokens: in
             prefill, decode = min(prefill, t1 - t0), min(decode, t3 - t2)
     return {"prefill_tokens_per_s": batch_size * prompt_len / prefill,
             "decode_tokens_per_s": batch_size * new_tokens / decode}
+
+
+@dataclass
+class LMComparison:
+    """Perplexity and speed of smaller variants of one dense causal LM, as ratios to it.
+
+    ``measure(model)`` gives the parameters, the held-out perplexity and the prefill/decode tokens/s
+    of ``model`` with their ratios to ``dense``. Speed depends only on the weights' shapes, so it is
+    measured once per distinct set of shapes, each time right after timing ``dense`` again: a ratio
+    always compares two runs taken under the same machine load.
+    """
+
+    dense: nn.Module
+    held_ids: torch.Tensor
+    seq_len: int = 128
+    batch_size: int = 8
+    prompt_len: int = 128
+    new_tokens: int = 16
+    repeats: int = 2
+    seed: int = 0
+    _speeds: dict = field(default_factory=dict, repr=False)
+
+    def perplexity(self, model: nn.Module) -> float:
+        return perplexity(model, self.held_ids, seq_len=self.seq_len, batch_size=self.batch_size)
+
+    def speed(self, model: nn.Module) -> dict[str, float]:
+        return tokens_per_second(model, prompt_len=self.prompt_len, new_tokens=self.new_tokens,
+                                 repeats=self.repeats, seed=self.seed)
+
+    def measure(self, model: nn.Module) -> dict[str, float]:
+        key = tuple((name, tuple(p.shape)) for name, p in model.named_parameters())
+        if key not in self._speeds:
+            d, s = self.speed(self.dense), self.speed(model)
+            self._speeds[key] = dict(s, prefill_speedup=s["prefill_tokens_per_s"] / d["prefill_tokens_per_s"],
+                                     decode_speedup=s["decode_tokens_per_s"] / d["decode_tokens_per_s"])
+        return dict(params=count_parameters(model), perplexity=self.perplexity(model), **self._speeds[key])
 
 
 # --------------------------------------------------------------------------- sizes

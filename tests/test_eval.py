@@ -101,6 +101,36 @@ def test_tokens_per_second_measures_both_phases():
     assert speed["prefill_tokens_per_s"] > 0 and speed["decode_tokens_per_s"] > 0
 
 
+def test_lm_comparison_times_each_shape_once_right_after_the_dense_model():
+    dense = tiny_llama()
+    ids = torch.randint(0, dense.config.vocab_size, (64,), generator=torch.Generator().manual_seed(0))
+    compare = ev.LMComparison(dense, ids, seq_len=16, batch_size=2, prompt_len=8, new_tokens=2, repeats=1)
+    same_shape = tiny_llama(seed=1)  # other weights, same shapes: its speed is not measured again
+    smaller = tiny_llama(intermediate_size=48)
+    fake = {id(dense): (100.0, 10.0), id(same_shape): (50.0, 5.0), id(smaller): (150.0, 12.0)}
+    timed = []
+
+    def speed(m):  # a stand-in timer, so that the ratios are known exactly
+        timed.append(m)
+        return {"prefill_tokens_per_s": fake[id(m)][0], "decode_tokens_per_s": fake[id(m)][1]}
+
+    compare.speed = speed
+    row = compare.measure(smaller)
+    assert timed == [dense, smaller]
+    assert row["params"] == ev.count_parameters(smaller) < ev.count_parameters(dense)
+    assert row["perplexity"] == ev.perplexity(smaller, ids, seq_len=16, batch_size=2)
+    assert (row["prefill_speedup"], row["decode_speedup"]) == (1.5, pytest.approx(1.2))
+    assert compare.measure(dense)["prefill_speedup"] == 1.0
+    assert timed == [dense, smaller, dense, dense]
+    again = compare.measure(same_shape)
+    assert timed == [dense, smaller, dense, dense]  # cached by shape: same ratios as the dense model's
+    assert again["prefill_speedup"] == 1.0
+    assert again["perplexity"] == ev.perplexity(same_shape, ids, seq_len=16, batch_size=2)  # always measured
+    assert again["perplexity"] != compare.measure(dense)["perplexity"]
+    real = ev.LMComparison(dense, ids, prompt_len=8, new_tokens=2, repeats=1).speed(dense)
+    assert real["prefill_tokens_per_s"] > 0 and real["decode_tokens_per_s"] > 0
+
+
 def test_eval_mode_restores_training_flag():
     m = make_model("lenet")
     m.train()
