@@ -64,14 +64,12 @@ def child(ratio: float, samples: int, seq_len: int) -> None:
 
     import torch
 
+    from transformers import AutoTokenizer
+
     from pruning_lab import data
     from pruning_lab import structured as st
     from pruning_lab.eval import model_bytes
-    from pruning_lab.models import load_llm
-
-    from transformers import AutoTokenizer
-
-    from pruning_lab.models import embedded_model_folder
+    from pruning_lab.models import embedded_model_folder, load_llm
 
     # The calibration windows are input data, prepared before the baseline. Tokenising 2M characters leaves
     # 0.1-0.2 GB of freed heap that glibc keeps mapped; malloc_trim hands it back to the OS, so that it is

@@ -602,11 +602,9 @@ def summarize(runs: list[LotteryRun]) -> dict:
         cols = {"ticket_wall_time_s": lambda p: p["wall_time_s"],
                 "baselines_wall_time_s": lambda p: p.get("baselines_wall_time_s", 0.0)}
         for net in ("ticket",) + BASELINES:
-            def get(key, net=net):
-                return lambda p: (p["ticket"] if net == "ticket" else p[net])[key] if net == "ticket" or net in p else None
-            cols[f"{net}_accuracy"] = get("early_stop_test_accuracy")
-            cols[f"{net}_final_accuracy"] = get("test_accuracy")
-            cols[f"{net}_early_stop_iteration"] = get("early_stop_iteration")
+            for col, key in (("accuracy", "early_stop_test_accuracy"), ("final_accuracy", "test_accuracy"),
+                             ("early_stop_iteration", "early_stop_iteration")):
+                cols[f"{net}_{col}"] = lambda p, net=net, key=key: p[net][key] if net in p else None
         for name, getter in cols.items():
             vals = [getter(p) for p in per]
             row[name] = _mean(vals)

@@ -80,7 +80,6 @@ def test_bytes_and_parameter_counts_by_hand():
         lin.weight[0].zero_()
     assert ev.count_parameters(lin, nonzero=True) == 8 - 3 - (lin.bias == 0).sum().item()
     m = tiny_llama()
-    cfg = m.config
     # tied lm_head counted once
     assert ev.count_parameters(m) == sum(p.numel() for p in m.parameters())
     assert ev.count_parameters(m) < sum(p.numel() for p in m.state_dict().values())

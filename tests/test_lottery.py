@@ -187,6 +187,12 @@ def test_baselines_keep_per_layer_sparsity(tmp_path, data):
     assert s["dense_accuracy"] == rows[0]["ticket"]["early_stop_test_accuracy"]
     assert s["dense_final_accuracy"] == rows[0]["ticket"]["test_accuracy"]
     assert [lv["weights_remaining"] for lv in s["levels"]] == [row["weights_remaining"] for row in rows]
+    for lv, row in zip(s["levels"], rows):  # one seed: every mean is that seed's value, a missing net is None
+        assert lv["ticket_accuracy"] == row["ticket"]["early_stop_test_accuracy"]
+        assert lv["random_mask_final_accuracy"] == (row["random_mask"]["test_accuracy"] if "random_mask" in row else None)
+        assert lv["one_shot_early_stop_iteration"] == (row["one_shot"]["early_stop_iteration"] if "one_shot" in row
+                                                       else None)
+    assert "random_mask" not in rows[0] and "random_mask" in rows[1]
 
 
 def test_conv_net_runs_with_the_output_rate_on_its_last_layer(tmp_path, data):
