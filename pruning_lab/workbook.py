@@ -70,6 +70,30 @@ class Recorder:
         return path
 
 
+def record_benchmark(name: str, figures: dict, *, folder: str | os.PathLike | None = None) -> Path:
+    """Write a benchmark's figures to ``results/benchmarks/<name>.json`` (atomically), with the machine.
+
+    ``figures`` holds what the README quotes (ratios first, raw timings beside them). The file also
+    records the date, the host's CPU count, torch's thread count and versions, so a quoted number can
+    always be traced to the run that produced it. ``folder`` overrides ``results/benchmarks``.
+    """
+    import datetime
+
+    import torch
+
+    path = Path(folder) if folder is not None else ROOT / "results" / "benchmarks"
+    payload = {
+        "benchmark": name,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "device": "cuda" if torch.cuda.is_available() else "cpu"},
+        "figures": figures,
+    }
+    return write_json(path / f"{name}.json", payload)
+
+
 # --------------------------------------------------------------------------- rerunning notebooks
 
 

@@ -121,3 +121,13 @@ def test_committed_welcome_results():
     model = saved["setup"]["model"]
     assert (model["layers"], model["heads"], model["kv_heads"], model["mlp"]) == (30, 9, 3, 1536)
     assert model["parameters"] == 134_515_008
+
+
+def test_record_benchmark_writes_figures_with_the_machine(tmp_path):
+    path = workbook.record_benchmark("demo", {"speedup": 2.5, "seconds": {"ours": 1.0, "peer": 2.5}},
+                                     folder=tmp_path)
+    saved = json.loads(path.read_text())
+    assert path == tmp_path / "demo.json"
+    assert saved["benchmark"] == "demo" and saved["figures"]["speedup"] == 2.5
+    assert saved["figures"]["seconds"] == {"ours": 1.0, "peer": 2.5}
+    assert saved["machine"]["cpus"] >= 1 and saved["machine"]["torch_threads"] >= 1 and saved["date"][:2] == "20"
