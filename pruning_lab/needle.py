@@ -1,0 +1,121 @@
+"""A retrieval task on real text: one fact ("needle") hidden at a chosen depth of a long passage.
+
+Chapter 4 asks whether a model that keeps only part of its KV cache can still find a fact it read
+thousands of tokens ago. Each item takes a contiguous passage of real prose from the corpus (cut at
+paragraph boundaries), inserts one synthetic fact at a relative depth (0 = first paragraph, 1 = last)
+and asks for it at the end, in the model's chat format::
+
+    items = needle_items(tokenizer, corpus.heldout, n_items=4, context_tokens=1024, depths=(0.1, 0.5, 0.9))
+    ids = tokenizer(items[0].prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    ...generate a few tokens greedily...
+    is_correct(generated_text, items[0])
+
+The fact is a made-up key-value pair ("The access code of the Harbor archive is 4821."), so the model
+cannot know the answer from pre-training: it must read it from the context. The prompt ends with the
+start of the answer ("The access code of the Harbor archive is"). With its full cache the embedded
+135M model then answered 18 of 18 items at ~1k and 18 of 18 at ~2k tokens of the Python tutorial
+(depths 0.1/0.5/0.9, 8 greedy tokens); chapter 4 reports what its own run measured.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+NAMES = ("Harbor", "Maple", "Falcon", "Juniper", "Cobalt", "Orchid", "Granite", "Willow", "Saffron", "Aurora",
+         "Pebble", "Summit", "Lantern", "Meadow", "Cedar", "Comet", "Hollow", "Prairie", "Quartz", "Tundra")
+THINGS = ("archive", "vault", "locker", "server room", "workshop", "greenhouse")
+
+
+@dataclass(frozen=True)
+class NeedleItem:
+    """One retrieval question: ``prompt`` (chat-formatted text, ready to tokenise without special
+    tokens), the ``answer`` string, and where the fact sits (``depth`` in [0, 1], ``needle_char``:
+    its character offset in ``prompt``)."""
+
+    prompt: str
+    answer: str
+    fact: str
+    question: str
+    depth: float
+    context_tokens: int
+    needle_char: int
+
+
+def _paragraphs(text: str) -> list[str]:
+    """Non-empty blocks separated by blank lines, with reST markup lines (``.. x::``, rules) dropped."""
+    paras = []
+    for block in re.split(r"\n\s*\n", text):
+        block = block.strip("\n")
+        if not block.strip() or re.fullmatch(r"\s*([=\-~^*#]{3,}|\.\. .*)", block.strip().splitlines()[0]) and \
+                len(block.splitlines()) == 1:
+            continue
+        paras.append(block)
+    return paras
+
+
+def _passage(tokenizer, paras: list[str], start: int, budget: int) -> list[str]:
+    """Consecutive paragraphs from ``start`` (wrapping around) whose tokens add up to about ``budget``."""
+    out, used, i = [], 0, start
+    while used < budget:
+        p = paras[i % len(paras)]
+        n = len(tokenizer(p, add_special_tokens=False)["input_ids"]) + 2
+        if used + n > budget and out:
+            break
+        out.append(p)
+        used += n
+        i += 1
+        if i - start > len(paras):
+            raise ValueError("The text is shorter than one passage of the requested length: give more text.")
+    return out
+
+
+def needle_items(tokenizer, text: str, *, n_items: int = 4, context_tokens: int = 1024,
+                 depths: tuple[float, ...] = (0.1, 0.5, 0.9), seed: int = 0,
+                 prime_answer: bool = True) -> list[NeedleItem]:
+    """``n_items`` passages × ``depths``: one item per (passage, depth), passages at seeded offsets.
+
+    The fact is inserted as its own paragraph before paragraph ``round(depth * n)`` of the passage's
+    ``n`` paragraphs (depth 1: after the last). Every passage gets a fresh fact (a random name, thing and 4-digit code), so no two items share an
+    answer. ``context_tokens`` is the passage's length in tokens, about; the chat template, the fact and
+    the question add ~60 tokens. ``prime_answer`` ends the prompt with the start of the answer
+    ("The access code of the Harbor archive is"); without it the 135M model first restates the
+    question (measured: 12 of 12 items began "The access code of the ..."), so it needs more new tokens. Raises ``ValueError`` for depths outside [0, 1] or too little text.
+    """
+    if n_items < 1 or context_tokens < 32:
+        raise ValueError(f"n_items={n_items} must be >= 1 and context_tokens={context_tokens} >= 32.")
+    if not depths or any(not 0.0 <= d <= 1.0 for d in depths):
+        raise ValueError(f"depths={depths}: give relative depths in [0, 1] (0 = start of the passage).")
+    paras = _paragraphs(text)
+    if len(paras) < 4:
+        raise ValueError("The text has fewer than 4 paragraphs: give a longer text (blank-line separated).")
+    rng = random.Random(seed)
+    items = []
+    for _ in range(n_items):
+        passage = _passage(tokenizer, paras, rng.randrange(len(paras)), context_tokens)
+        name, thing, code = rng.choice(NAMES), rng.choice(THINGS), str(rng.randrange(1000, 10000))
+        subject = f"the access code of the {name} {thing}"
+        fact = f"Remember this: {subject} is {code}."
+        question = f"What is {subject}?"
+        for depth in depths:
+            at = round(depth * len(passage))
+            body = passage[:at] + [fact] + passage[at:]
+            user = "Read the following text.\n\n" + "\n\n".join(body) + f"\n\nQuestion: {question}"
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                                   add_generation_prompt=True)
+            if prime_answer:
+                prompt += subject[0].upper() + subject[1:] + " is"
+            items.append(NeedleItem(prompt=prompt, answer=code, fact=fact, question=question, depth=float(depth),
+                                    context_tokens=context_tokens, needle_char=prompt.index(fact)))
+    return items
+
+
+def is_correct(generated: str, item: NeedleItem | str) -> bool:
+    """The answer's digits appear as a whole number in the first line of the generated text.
+
+    A number must match whole: "48211" or "482" do not count for 4821.
+    """
+    answer = item.answer if isinstance(item, NeedleItem) else str(item)
+    first = generated.strip().splitlines()[0] if generated.strip() else ""
+    return answer in re.findall(r"\d+", first.replace(",", ""))
