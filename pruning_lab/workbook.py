@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -164,6 +165,31 @@ def clean_notebook(path: Path) -> None:
         tmp.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
 
 
+def _publish(staging: Path, final: Path, stem: str) -> None:
+    """Move a finished run's ``<stem>.json`` and ``figures/<stem>/`` from ``staging`` into ``final``."""
+    figures = staging / "figures" / stem
+    if figures.is_dir():
+        dest = final / "figures" / stem
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        old = final / "figures" / f".old-{stem}-{os.getpid()}"
+        if dest.exists():
+            os.replace(dest, old)
+        os.replace(figures, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    if (staging / f"{stem}.json").is_file():
+        os.replace(staging / f"{stem}.json", final / f"{stem}.json")
+
+
+def _writable(folder: Path) -> None:
+    """Fail before a run, with the fix, if ``folder`` cannot be created or written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise PermissionError(f"Cannot write to {folder} ({e.strerror or e}): choose a writable folder (for "
+                              "results, set PRUNING_LAB_RESULTS) or fix its permissions. Nothing was run.") from e
+
+
 def run_notebook(key: str, params: str | None = None, overrides: dict | None = None,
                  out_dir: str | os.PathLike | None = None, kernel: str = KERNEL_NAME) -> Path:
     """Execute one notebook with papermill and return the executed notebook's path.
@@ -171,6 +197,10 @@ def run_notebook(key: str, params: str | None = None, overrides: dict | None = N
     Without ``params``/``overrides`` the notebook runs with its committed parameters, in place, and
     records to ``results/``. Otherwise the executed copy goes to ``runs/<tag>/`` (or ``out_dir``)
     and its results JSON beside it, so the committed run is never overwritten by a smoke run.
+
+    A run records into a staging folder; only when every cell has run are the executed notebook, its
+    results JSON and its figures moved into place. A failed run changes nothing there: its partly
+    executed notebook is kept in ``runs/failed/`` (named in the error) to show where it stopped.
     """
     import papermill
 
@@ -178,32 +208,44 @@ def run_notebook(key: str, params: str | None = None, overrides: dict | None = N
     values, tag = load_params(nb, params)
     values.update(overrides or {})
     check_parameters(nb, values)
-    in_place = not values and out_dir is None
-    if in_place:
-        target, env_results = nb, None
+    if not values and out_dir is None:
+        target, final = nb, results_dir()
     else:
         folder = Path(out_dir) if out_dir is not None else ROOT / "runs" / (tag or "custom")
-        target, env_results = folder / nb.name, folder / "results"
-    target.parent.mkdir(parents=True, exist_ok=True)
+        target, final = folder / nb.name, folder / "results"
+    _writable(final)
+    _writable(target.parent)
+    for stale in final.glob(f".staging-{nb.stem}-*"):  # left by a killed run: never read, just removed
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{nb.stem}-", dir=final))
     old = os.environ.get("PRUNING_LAB_RESULTS")
     os.environ.setdefault("MPLBACKEND", "Agg")
-    if env_results is not None:
-        os.environ["PRUNING_LAB_RESULTS"] = str(env_results)
+    os.environ["PRUNING_LAB_RESULTS"] = str(staging)
     fd, tmp = tempfile.mkstemp(prefix=".running-", suffix=".ipynb", dir=target.parent)
     os.close(fd)
     try:
-        papermill.execute_notebook(str(nb), tmp, parameters=values, kernel_name=kernel, cwd=str(nb.parent),
-                                   progress_bar=sys.stderr.isatty())
+        try:
+            papermill.execute_notebook(str(nb), tmp, parameters=values, kernel_name=kernel,
+                                       cwd=str(nb.parent), progress_bar=sys.stderr.isatty())
+        except BaseException as e:
+            failed = ROOT / "runs" / "failed" / nb.name
+            if Path(tmp).is_file() and Path(tmp).stat().st_size:
+                failed.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, failed)
+                e.add_note(f"The partly executed notebook is {failed}; {target.name} and its results were "
+                           "left as they were.")
+            raise
         clean_notebook(Path(tmp))
+        _publish(staging, final, nb.stem)
         os.replace(tmp, target)
     finally:
         if Path(tmp).exists():
             os.unlink(tmp)
-        if env_results is not None:
-            if old is None:
-                os.environ.pop("PRUNING_LAB_RESULTS", None)
-            else:
-                os.environ["PRUNING_LAB_RESULTS"] = old
+        shutil.rmtree(staging, ignore_errors=True)
+        if old is None:
+            os.environ.pop("PRUNING_LAB_RESULTS", None)
+        else:
+            os.environ["PRUNING_LAB_RESULTS"] = old
     return target
 
 

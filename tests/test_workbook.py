@@ -131,3 +131,71 @@ def test_record_benchmark_writes_figures_with_the_machine(tmp_path):
     assert saved["benchmark"] == "demo" and saved["figures"]["speedup"] == 2.5
     assert saved["figures"]["seconds"] == {"ours": 1.0, "peer": 2.5}
     assert saved["machine"]["cpus"] >= 1 and saved["machine"]["torch_threads"] >= 1 and saved["date"][:2] == "20"
+
+
+def _staged_notebook(path, fail: bool):
+    """A notebook that records a number and a figure, then (optionally) fails in its last cell."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": workbook.KERNEL_NAME, "display_name": "x", "language": "python"}
+    p = nbformat.v4.new_code_cell("n = 3\n")
+    p.metadata["tags"] = ["parameters"]
+    body = nbformat.v4.new_code_cell(
+        "import matplotlib.pyplot as plt\nfrom pruning_lab.workbook import Recorder\n"
+        "rec = Recorder('97_staged', params=dict(n=n))\nrec.record(square=n * n)\n"
+        "fig, ax = plt.subplots(); ax.plot([n, n * n]); rec.figure(fig, 'curve')"
+    )
+    nb.cells = [p, body, nbformat.v4.new_code_cell("raise RuntimeError('injected failure')" if fail else "n")]
+    nbformat.write(nb, path)
+    return path
+
+
+def test_a_failed_in_place_run_changes_nothing(tmp_path, monkeypatch):
+    import papermill
+
+    results = tmp_path / "results"
+    monkeypatch.setenv("PRUNING_LAB_RESULTS", str(results))
+    nb = _staged_notebook(tmp_path / "97_staged.ipynb", fail=False)
+    workbook.run_notebook(str(nb))  # in place: the committed run
+    committed = {p: p.read_bytes() for p in [nb, results / "97_staged.json", results / "figures/97_staged/curve.png"]}
+    assert json.loads(committed[results / "97_staged.json"])["square"] == 9
+
+    failing = _staged_notebook(tmp_path / "97_staged.ipynb", fail=True)
+    source = failing.read_bytes()
+    with pytest.raises(papermill.PapermillExecutionError, match="injected failure") as err:
+        workbook.run_notebook(str(failing))
+    assert "partly executed notebook" in "".join(getattr(err.value, "__notes__", []))
+    assert failing.read_bytes() == source  # the notebook file is untouched
+    for path, before in committed.items():
+        if path != nb:
+            assert path.read_bytes() == before, f"{path} changed after a failed run"
+    assert not list(results.glob(".staging-*")) and not list(tmp_path.glob(".running-*"))
+    partial = workbook.ROOT / "runs" / "failed" / "97_staged.ipynb"
+    assert "injected failure" in partial.read_text()
+    partial.unlink()
+
+
+def test_a_successful_run_replaces_results_and_figures_together(tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    monkeypatch.setenv("PRUNING_LAB_RESULTS", str(results))
+    (results / "figures" / "97_staged").mkdir(parents=True)
+    (results / "figures" / "97_staged" / "stale.png").write_bytes(b"old figure")
+    (results / ".staging-97_staged-killed").mkdir()  # what a killed run leaves behind
+    (results / ".staging-97_staged-killed" / "97_staged.json").write_text('{"square": -1}')
+    nb = _staged_notebook(tmp_path / "97_staged.ipynb", fail=False)
+    workbook.run_notebook(str(nb), overrides={"n": 4}, out_dir=tmp_path / "out")
+    assert json.loads((tmp_path / "out/results/97_staged.json").read_text())["square"] == 16
+    workbook.run_notebook(str(nb))
+    assert json.loads((results / "97_staged.json").read_text())["square"] == 9
+    assert sorted(p.name for p in (results / "figures" / "97_staged").iterdir()) == ["curve.png"]
+    assert not list(results.glob(".staging-*")) and not list((results / "figures").glob(".old-*"))
+
+
+def test_unwritable_results_fail_before_the_notebook_runs(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("PRUNING_LAB_RESULTS", str(blocker / "results"))
+    nb = _staged_notebook(tmp_path / "97_staged.ipynb", fail=False)
+    before = nb.read_bytes()
+    with pytest.raises(PermissionError, match="Nothing was run"):
+        workbook.run_notebook(str(nb))
+    assert nb.read_bytes() == before
