@@ -64,6 +64,14 @@ def main():
     print("    (a level also keeps the best-validation weights and tests them once: the LTH's accuracy at early stop)")
     print(f"  ratio masked / plain                : {mk / p:.3f}")
     print(f"  ratio level / plain                 : {lv / p:.3f}")
+    from pruning_lab.workbook import record_benchmark
+
+    path = record_benchmark("lottery", {
+        "iterations": args.iterations, "threads": args.threads, "repeats": args.repeats, "statistic": "median",
+        "seconds": {"plain": p, "masked": mk, "imp_level": lv, "prune_and_reset": pr},
+        "masked_over_plain": mk / p, "level_over_plain": lv / p,
+    })
+    print(f"  wrote {path}")
 
 
 if __name__ == "__main__":

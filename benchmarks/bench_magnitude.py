@@ -100,6 +100,15 @@ def main():
         print(f"  peak extra memory, {label:<21}: {r['extra_mib']:7.0f} MiB = "
               f"{r['extra_mib'] / r['weight_mib']:.2f}x the weights' {r['weight_mib']:.0f} MiB "
               f"(incl. the returned masks, 0.25x)")
+    from pruning_lab.workbook import record_benchmark
+
+    path = record_benchmark("magnitude", {
+        "sparsity": SPARSITY, "weights": len(weights), "values": n,
+        "seconds": {"pruning_lab": ours_s, "torch_prune": peer_s}, "speedup": peer_s / ours_s,
+        "identical_fraction": equal / n, "differing_entries": n - equal, "all_differences_are_ties": diff_at_threshold,
+        "peak_extra_memory_over_weights": {k: mem[k]["extra_mib"] / mem[k]["weight_mib"] for k in mem},
+    })
+    print(f"  wrote {path}")
 
 
 if __name__ == "__main__":

@@ -167,6 +167,9 @@ def main() -> int:
               "peak < 2x model": peak_x < 2}
     report["targets_met"] = checks
     print("targets (flap-uniform): " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in checks.items()))
+    from pruning_lab.workbook import record_benchmark
+
+    print(f"wrote {record_benchmark('structured', report)}")
     if args.json:
         from pruning_lab._io import write_json
 

@@ -113,6 +113,14 @@ def main(repeats: int = 5):
     print(f"  speed-up vs TensorDataset loop  : {best['tensor_ds'] / best['ours']:.2f}x "
           "(the stricter baseline: its data are already tensors)")
     print(f"  speed-up vs TensorDataset+fused : {best['tensor_ds_fused'] / best['ours']:.2f}x (the data path alone)")
+    from pruning_lab.workbook import record_benchmark
+
+    path = record_benchmark("train_loop", {
+        "steps": steps, "batch_size": 60, "repeats": repeats, "statistic": "best", "seconds": best,
+        "speedup_vs_naive": best["naive"] / best["ours"], "speedup_vs_tensor_ds": best["tensor_ds"] / best["ours"],
+        "speedup_vs_tensor_ds_fused": best["tensor_ds_fused"] / best["ours"],
+    })
+    print(f"  wrote {path}")
 
 
 if __name__ == "__main__":
