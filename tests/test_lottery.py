@@ -313,10 +313,27 @@ def test_instability_endpoints_and_cache(tmp_path, data):
     r.run(1, baselines=())
     out = r.instability(1, alphas=3)
     assert out["alpha"] == [0.0, 0.5, 1.0]
-    assert len(out["test_error"]) == 3
-    assert out["barrier"] == pytest.approx(error_barrier(out["test_error"]))
-    assert out["barrier"] >= max(out["test_error"]) - max(out["test_error"][0], out["test_error"][-1]) - 1e-12
+    # Independently: train the two copies of m ⊙ θ_k on the documented data orders, average them by hand,
+    # and evaluate the three points of the path ourselves.
+    masks, ends = r.masks(1), []
+    for s in (10_007 + 2 * r.hp.seed, 10_008 + 2 * r.hp.seed):
+        model = r.new_model(r.hp.seed)
+        reset_to(model, r.rewind_state(), masks)
+        r._train(model, masks, s, "test")
+        ends.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    assert not all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])  # two data orders, two networks
+    errors = []
+    for state in (ends[0], {k: (ends[0][k] + ends[1][k]) / 2 for k in ends[0]}, ends[1]):
+        model = r.new_model(r.hp.seed)
+        model.load_state_dict(state)
+        with torch.no_grad():
+            errors.append(float((model(data.x_test).argmax(1) != data.y_test).float().mean()))
+    assert out["test_error"] == pytest.approx(errors, abs=1e-3)  # 2 of 2,000 images may flip on rounding
+    assert out["barrier"] == pytest.approx(max(errors) - (errors[0] + errors[2]) / 2, abs=1e-3)
     assert r.instability(1, alphas=3) == out  # cached
+    (r.dir / "instability_level_1.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="corrupt"):
+        assert r.instability(1, alphas=3)["test_error"] == out["test_error"]  # recomputed, same numbers
 
 
 # --------------------------------------------------------------------------- the notebook
@@ -334,7 +351,8 @@ def test_notebook_smoke_run(smoke_runs):
         assert lv["layer_remaining"]["fc3.weight"] == pytest.approx(0.81 ** n, abs=2e-3)
     for lv in levels[1:]:
         for key in ("ticket_accuracy", "random_reinit_accuracy", "random_mask_accuracy", "one_shot_accuracy"):
-            assert 0.1 < lv[key] <= 1.0, key  # better than chance on 10 classes
+            # far above chance (0.1): LeNet on Fashion-MNIST at these smoke settings reaches 0.76-0.81
+            assert 0.6 < lv[key] <= 1.0, key
             assert lv[f"{key}_per_seed"] == [lv[key]]
         for key in ("ticket_early_stop_iteration", "random_reinit_early_stop_iteration"):
             assert 25 <= lv[key] <= 100 and lv[key] % 25 == 0
