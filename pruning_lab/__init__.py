@@ -10,6 +10,7 @@ One file per concept:
 - ``magnitude`` the mask vocabulary; global / layer-wise / ERK magnitude pruning (chapter 01).
 - ``lottery``   iterative magnitude pruning with rewinding, resumable runs (chapter 02).
 - ``structured`` heads, MLP channels and layers sliced out of a Llama-style LLM (chapter 03).
+- ``needle``    a retrieval task on real text: a made-up fact at a chosen depth of a long passage (chapter 04).
 """
 
 from __future__ import annotations
