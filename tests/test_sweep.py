@@ -1,0 +1,164 @@
+"""Parameter sweeps on Dask: a tiny notebook, a LocalCluster of 2 workers and a real scheduler."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from pruning_lab import sweep, workbook
+
+BIN = Path(sys.executable).parent
+
+
+def make_notebook(path):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": workbook.KERNEL_NAME, "display_name": "x", "language": "python"}
+    p = nbformat.v4.new_code_cell("seed = 0\nscale = 1.0\nsleep = 0.0\n")
+    p.metadata["tags"] = ["parameters"]
+    body = nbformat.v4.new_code_cell(
+        "import time\nfrom pruning_lab.workbook import Recorder\n"
+        "assert scale > 0, 'scale must be positive'\n"
+        "time.sleep(sleep)\n"
+        "rec = Recorder('97_sweepy', params=dict(seed=seed, scale=scale))\n"
+        "rec.record(score=(seed + 1) * scale, tag='x')\n"
+    )
+    nb.cells = [p, body]
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.fixture
+def nb(tmp_path):
+    return make_notebook(tmp_path / "97_sweepy.ipynb")
+
+
+def spec(nb, **kw):
+    return {"name": "t", "notebook": str(nb), "grid": {"seed": [0, 1], "scale": [1.0, 2.0]},
+            "aggregate": ["score"], **kw}
+
+
+@pytest.fixture(scope="module")
+def local_client():
+    client, cluster = sweep.make_client("local", n_workers=2)
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()
+
+
+def test_grid_product_ids_and_bad_input_refused_before_running(nb, tmp_path):
+    sw = sweep.load_sweep(spec(nb), tmp_path / "out")
+    assert [c for c in sw.runs] == [{"seed": 0, "scale": 1.0}, {"seed": 0, "scale": 2.0},
+                                   {"seed": 1, "scale": 1.0}, {"seed": 1, "scale": 2.0}]
+    assert sweep.run_id({"seed": 1, "scale": 2.0}) == "scale=2.0,seed=1"
+    with pytest.raises(SystemExit, match="no parameter named 'sede'"):
+        sweep.load_sweep(spec(nb, grid={"sede": [0, 1]}), tmp_path / "out")
+    with pytest.raises(SystemExit, match="empty"):
+        sweep.load_sweep(spec(nb, grid={"seed": []}), tmp_path / "out")
+    with pytest.raises(SystemExit, match="empty"):
+        sweep.load_sweep(spec(nb, grid={}), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_aggregate_by_hand():
+    rows = [{"params": {"seed": s, "r": 0.1}, "results": {"acc": a}} for s, a in [(0, 1.0), (1, 3.0)]]
+    rows.append({"params": {"seed": 0, "r": 0.5}, "results": {"acc": 7.0}})
+    agg = sweep.aggregate(rows, ["acc"])
+    assert agg[0] == {"params": {"r": 0.1}, "acc": {"mean": 2.0, "std": 2 ** 0.5, "n": 2}}
+    assert agg[1] == {"params": {"r": 0.5}, "acc": {"mean": 7.0, "std": 0.0, "n": 1}}
+
+
+def test_local_cluster_grid_rerun_failure_and_summary(nb, tmp_path, local_client):
+    sw = sweep.load_sweep(spec(nb), tmp_path / "out")
+    s = sweep.run_sweep(sw, local_client, progress=False)
+    assert s["n_complete"] == 4 and not s["failed"] and s["skipped"] == 0
+    by_id = {r["id"]: r["results"]["score"] for r in s["rows"]}
+    assert by_id == {"scale=1.0,seed=0": 1.0, "scale=2.0,seed=0": 2.0, "scale=1.0,seed=1": 2.0,
+                     "scale=2.0,seed=1": 4.0}
+    agg = {a["params"]["scale"]: a["score"] for a in s["aggregate"]}
+    assert agg[1.0]["mean"] == 1.5 and agg[2.0]["mean"] == 3.0 and agg[2.0]["n"] == 2
+    assert (sw.root / "scale=1.0,seed=0" / "97_sweepy.ipynb").is_file()
+    assert (sw.root / "summary.csv").read_text().splitlines()[0].startswith("id,scale,seed,")
+    assert sweep.load_summary(sw.root)["aggregate"] == s["aggregate"]
+    # rerun: everything skipped
+    s2 = sweep.run_sweep(sw, local_client, progress=False)
+    assert s2["skipped"] == 4 and s2["ran"] == [] and s2["n_complete"] == 4
+    # a bad value fails one combination; the others complete and the failure names the cell error
+    sw3 = sweep.load_sweep(spec(nb, name="bad", grid={"seed": [0, 1], "scale": [1.0, -1.0]}), tmp_path / "out")
+    s3 = sweep.run_sweep(sw3, local_client, progress=False)
+    assert s3["n_complete"] == 2 and len(s3["failed"]) == 2
+    assert all("scale must be positive" in f["error"] for f in s3["failed"])
+    # a folder of a different grid is refused, naming the parameters
+    with pytest.raises(SystemExit, match="different sweep.*parameters"):
+        other = sweep.load_sweep({"name": "t", "notebook": str(nb), "grid": {"sleep": [0.0]}}, tmp_path / "out")
+        sweep.run_sweep(other, local_client, progress=False)
+    assert s2["n_complete"] == 4 and sweep.load_summary(sw.root)["n_complete"] == 4
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_scheduler_is_a_clear_error_fast():
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit, match="Cannot reach the Dask scheduler"):
+        sweep.make_client(scheduler=f"tcp://127.0.0.1:{free_port()}")
+    assert time.perf_counter() - t0 < 5
+
+
+def test_real_scheduler_and_worker_processes(nb, tmp_path):
+    port = free_port()
+    procs = []
+    try:
+        procs.append(subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                       "--dashboard-address", ":0"], start_new_session=True,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        addr = f"tcp://127.0.0.1:{port}"
+        for _ in range(2):
+            procs.append(subprocess.Popen([str(BIN / "dask"), "worker", addr, "--nthreads", "1",
+                                           "--host", "127.0.0.1"], start_new_session=True,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.time() < deadline, "scheduler did not start"
+                time.sleep(0.3)
+        client, cluster = sweep.make_client(scheduler=addr)
+        try:
+            client.wait_for_workers(2, timeout=30)
+            sw = sweep.load_sweep(spec(nb, grid={"seed": [0, 1], "scale": [1.0, 2.0, ], "sleep": [3.0]}),
+                                  tmp_path / "out")
+            # kill one worker (its whole process group) while tasks run; Dask reschedules its task
+            import threading
+
+            def killer():
+                time.sleep(2.0)
+                os.killpg(procs[1].pid, signal.SIGKILL)
+
+            threading.Thread(target=killer, daemon=True).start()
+            s = sweep.run_sweep(sw, client, progress=False)
+            assert s["n_complete"] == 4 and not s["failed"]
+            for combo in sw.runs:
+                assert (sw.root / sweep.run_id(combo) / "results" / "97_sweepy.json").is_file()
+        finally:
+            client.close()
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
