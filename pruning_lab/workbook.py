@@ -318,6 +318,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                      help="override one parameter (value parsed as YAML)")
     run.add_argument("--out", help="folder for the executed copies (default: in place, or runs/<tag>/)")
+    sw = sub.add_parser("sweep", help="run a parameter sweep (a YAML of notebook, params, grid) on Dask")
+    sw.add_argument("sweep", help="a sweep YAML path or a name in notebooks/params/sweeps/")
+    sw.add_argument("--engine", default="local", help="'local': a LocalCluster, one 1-thread worker per core")
+    sw.add_argument("--workers", type=int, help="local workers (default: one per core)")
+    sw.add_argument("--scheduler", help="address of a running Dask scheduler, e.g. tcp://host:8786")
+    sw.add_argument("--cluster", help="YAML of dask_jobqueue.SLURMCluster/PBSCluster options (kind, jobs, ...)")
+    sw.add_argument("--out", help="parent folder of the sweep's folder (default: runs/sweeps/)")
     args = parser.parse_args(argv)
 
     if args.cmd == "list":
@@ -331,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in check_setup().items():
             print(f"{key:>7}: {value}")
         return 0
+    if args.cmd == "sweep":
+        from . import sweep
+
+        return sweep.main(args=args)
     overrides = {name: _parse_value(value) for name, value in args.p}
     targets = [nb.stem for nb in notebooks()] if args.notebook == "all" else [args.notebook]
     for key in targets:
