@@ -162,3 +162,21 @@ def test_real_scheduler_and_worker_processes(nb, tmp_path):
             except ProcessLookupError:
                 pass
             p.wait()
+
+
+def test_cli_sweep_runs_and_refuses_unknown_key(nb, tmp_path):
+    import yaml
+
+    good = tmp_path / "s.yaml"
+    good.write_text(yaml.safe_dump({"name": "cli", "notebook": str(nb), "grid": {"seed": [3]}, "aggregate": ["score"]}))
+    r = subprocess.run([sys.executable, "-m", "pruning_lab.workbook", "sweep", str(good), "--workers", "1",
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "1/1 complete" in r.stdout
+    assert sweep.load_summary(tmp_path / "o" / "cli")["rows"][0]["results"]["score"] == 4.0
+    bad = tmp_path / "b.yaml"
+    bad.write_text(yaml.safe_dump({"name": "cli2", "notebook": str(nb), "grid": {"sede": [3]}}))
+    r = subprocess.run([sys.executable, "-m", "pruning_lab.workbook", "sweep", str(bad),
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "no parameter named 'sede'" in r.stderr
+    assert not (tmp_path / "o" / "cli2").exists()
