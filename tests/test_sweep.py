@@ -180,3 +180,9 @@ def test_cli_sweep_runs_and_refuses_unknown_key(nb, tmp_path):
                         "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "no parameter named 'sede'" in r.stderr
     assert not (tmp_path / "o" / "cli2").exists()
+
+
+@pytest.mark.parametrize("name", ["lottery-5seeds-paper", "lottery-5seeds-smoke", "structured-llama7b-paper"])
+def test_committed_sweep_files_load(name, tmp_path):
+    sw = sweep.load_sweep(name, tmp_path)
+    assert len(sw.runs) in (5, 16) and sw.name == name
