@@ -11,6 +11,8 @@ One file per concept:
 - ``lottery``   iterative magnitude pruning with rewinding, resumable runs (chapter 02).
 - ``structured`` heads, MLP channels and layers sliced out of a Llama-style LLM (chapter 03).
 - ``needle``    a retrieval task on real text: a made-up fact at a chosen depth of a long passage (chapter 04).
+- ``kv_eviction`` StreamingLLM, H2O, TOVA, SnapKV, LazyEviction over one evicting KV cache (chapter 04).
+- ``cot``       chain-of-thought step scores (ASAP's first-token surprisal and rivals), pruning, LoRA, parallel traces (chapter 05).
 """
 
 from __future__ import annotations

@@ -194,3 +194,26 @@ def cache_bytes(past_key_values) -> int:
     if isinstance(past_key_values, (list, tuple)):
         return sum(cache_bytes(x) for x in past_key_values)
     raise TypeError(f"Cannot measure a cache of type {type(past_key_values).__name__}.")
+
+
+# --------------------------------------------------------------------------- paired comparisons
+
+
+def paired(a, b, *, min_n: int = 3) -> dict:
+    """Compare two methods measured on the same items (seeds, prompts): differences ``a - b``.
+
+    Returns ``n``, the mean difference, its standard deviation and a verdict: ``"A better"`` or
+    ``"B better"`` only when there are at least ``min_n`` pairs and the mean difference exceeds twice
+    its standard error (|mean| > 2·std/√n, std with n − 1); otherwise ``"within noise"``.
+    """
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired() needs two 1-D sequences of equal length, got {tuple(a.shape)} and {tuple(b.shape)}.")
+    d = a - b
+    n = len(d)
+    mean = float(d.mean()) if n else float("nan")
+    std = float(d.std()) if n > 1 else float("nan")
+    verdict = "within noise"
+    if n >= min_n and abs(mean) > 2 * std / n ** 0.5:
+        verdict = "A better" if mean > 0 else "B better"
+    return {"n": n, "mean_difference": mean, "std_difference": std, "verdict": verdict}

@@ -187,6 +187,20 @@ class LazyEviction(FullCache):
         return state["mri"] - (state["now"] - state["last"])
 
 
+@dataclass
+class Oracle(FullCache):
+    """Not a paper's policy but a control: keeps the given full-sequence ``positions`` (e.g. the inserted fact)
+    before anything else, then the most recent tokens. If the model answers under this policy at a budget
+    where the others fail, the failures come from their choices, not from the eviction mechanism."""
+
+    name = "oracle"
+    positions: tuple[int, ...] = ()
+
+    def score(self, state, attn, key_pos):
+        wanted = torch.isin(key_pos, torch.tensor(self.positions, dtype=key_pos.dtype, device=key_pos.device))
+        return key_pos.float() + 1e9 * wanted
+
+
 POLICIES = {p.name: p for p in (FullCache, StreamingLLM, H2O, TOVA, SnapKV, LazyEviction)}
 
 
@@ -271,10 +285,16 @@ def group_attention(queries: torch.Tensor, query_pos: torch.Tensor, keys: torch.
     b, hq, q, d = queries.shape
     hkv = keys.shape[1]
     g = hq // hkv
-    logits = torch.einsum("bhgqd,bhsd->bhgqs", queries.view(b, hkv, g, q, d).float(), keys.float()) / math.sqrt(d)
+    # one batched matmul per KV head over its g query heads; in-place masking; no NaN pass unless a query
+    # (a padding slot) sees no key at all
+    logits = torch.matmul(queries.float().reshape(b, hkv, g * q, d), keys.float().transpose(-1, -2))
+    logits = logits.view(b, hkv, g, q, -1).mul_(1 / math.sqrt(d))
     allowed = (key_pos[:, :, None, :] <= query_pos[None, None, :, None]) & valid[:, :, None, :]  # (B, H, Q, S)
-    logits = logits.masked_fill(~allowed[:, :, None], -math.inf)
-    return torch.softmax(logits, -1).nan_to_num(0.0).mean(2)
+    logits.masked_fill_(~allowed[:, :, None], -math.inf)
+    probs = torch.softmax(logits, -1)
+    if not bool(allowed.any(-1).all()):
+        probs = probs.nan_to_num_(0.0)
+    return probs.mean(2)
 
 
 class EvictingCache(Cache):
@@ -623,3 +643,85 @@ def retrieval_heads(maps: list[torch.Tensor], span: tuple[int, int]) -> torch.Te
     a, b = span
     hits = torch.stack([((m.argmax(-1) >= a) & (m.argmax(-1) < b)).float() for m in maps])
     return hits.mean(0)
+
+
+# --------------------------------------------------------------------------- the chapter's experiments
+
+
+def _batch(tokenizer, prompts: list[str]):
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        return tokenizer(prompts, add_special_tokens=False, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
+
+
+def retrieval_accuracy(model, tokenizer, items, *, policy="full", budget=None, moment="decode", answer_tokens: int = 6,
+                       prefill_chunk: int | None = 64, batch_size: int = 8) -> dict:
+    """Greedy answers to ``needle`` items under one policy/budget/moment: accuracy, per-item
+    correctness, the answers, KV bytes at the end and the budget in tokens (per batch)."""
+    from .needle import is_correct
+
+    correct, answers, kv_bytes, budgets = [], [], 0, []
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        enc = _batch(tokenizer, [it.prompt for it in chunk])
+        g = generate(model, enc.input_ids, attention_mask=enc.attention_mask, policy=policy, budget=budget,
+                     moment=moment, max_new_tokens=answer_tokens, prefill_chunk=prefill_chunk)
+        texts = tokenizer.batch_decode(g.tokens, skip_special_tokens=True)
+        answers += texts
+        correct += [bool(is_correct(t, it)) for t, it in zip(texts, chunk)]
+        kv_bytes = max(kv_bytes, g.kv_bytes)
+        budgets.append(g.budget)
+    return {"accuracy": sum(correct) / len(correct), "correct": correct, "answers": answers, "kv_bytes": kv_bytes,
+            "budget_tokens": budgets}
+
+
+def continuation_check(model, input_ids, attention_mask, reference: torch.Tensor, *, policy, budget, moment,
+                       prefill_chunk: int | None = 64) -> dict:
+    """How far a policy strays from the full cache on a long generation: ``agreement`` = share of the
+    greedy tokens equal to the full-cache ``reference`` tokens (position by position, per row), and
+    ``perplexity`` of the reference continuation when it is teacher-forced through the evicting cache."""
+    n = reference.shape[1]
+    free = generate(model, input_ids, attention_mask=attention_mask, policy=policy, budget=budget, moment=moment,
+                    max_new_tokens=n, prefill_chunk=prefill_chunk)
+    forced = generate(model, input_ids, attention_mask=attention_mask, policy=policy, budget=budget, moment=moment,
+                      force=reference, prefill_chunk=prefill_chunk)
+    agree = (free.tokens == reference).float().mean(1)
+    return {"agreement": agree.tolist(), "perplexity": math.exp(-float(forced.logprobs.double().mean())),
+            "perplexity_per_row": (-forced.logprobs.double().mean(1)).exp().tolist(), "budget_tokens": free.budget,
+            "kv_bytes": free.kv_bytes, "tokens": free.tokens}
+
+
+def fits(policy, budget_tokens: int, moment: str) -> bool:
+    """Whether ``policy`` can run at this budget (its sinks and always-kept window leave room)."""
+    p = get_policy(policy)
+    if type(p) is FullCache:
+        return True
+    floor = p.sinks + p.recent(budget_tokens)
+    every = (p.observation_window if isinstance(p, LazyEviction) else 1) if moment == "decode" else 0
+    return budget_tokens > floor + every
+
+
+def decode_speed(model, input_ids, *, policy="full", budget=None, moment="decode", new_tokens: int = 32,
+                 repeats: int = 2, prefill_chunk: int | None = 256) -> dict:
+    """Decode tokens/s (best of ``repeats``) and KV bytes after a prompt, for one policy and budget."""
+    best = None
+    for _ in range(repeats):
+        g = generate(model, input_ids, policy=policy, budget=budget, moment=moment, max_new_tokens=new_tokens + 1,
+                     prefill_chunk=prefill_chunk)
+        if best is None or g.seconds_decode < best.seconds_decode:
+            best = g
+    return {"decode_tokens_per_s": new_tokens * input_ids.shape[0] / best.seconds_decode,
+            "prefill_seconds": best.seconds_prefill, "kv_bytes": best.kv_bytes, "budget_tokens": best.budget}
+
+
+def eviction_map(events: list[dict], seen: int, layer: int = 0, head: int = 0, row: int = 0) -> torch.Tensor:
+    """(evictions, positions) image of what ``layer``/``head`` holds after each eviction: 1 kept,
+    0 evicted, NaN not yet read (events recorded with ``record=True``)."""
+    img = torch.full((len(events), seen), float("nan"))
+    for i, e in enumerate(events):
+        img[i, :e["seen"]] = 0.0
+        img[i, e["positions"][layer, row, head].long()] = 1.0
+    return img

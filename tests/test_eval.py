@@ -172,3 +172,15 @@ def test_bad_training_config():
         TrainConfig(iterations=0)
     with pytest.raises(ValueError, match="optimizer"):
         TrainConfig(optimizer="lbfgs")
+
+
+def test_paired_verdicts_by_hand():
+    # differences 1, 1, 0 -> mean 2/3, std 0.577, 2*sem = 0.667: not above -> within noise
+    r = ev.paired([1, 1, 1], [0, 0, 1])
+    assert r["n"] == 3 and r["mean_difference"] == pytest.approx(2 / 3) and r["std_difference"] == pytest.approx(0.57735, abs=1e-4)
+    assert r["verdict"] == "within noise"
+    assert ev.paired([2, 3, 4, 5], [1, 2, 3, 4])["verdict"] == "A better"  # every difference +1, std 0
+    assert ev.paired([0.5, 0.4, 0.6], [0.9, 0.8, 0.95])["verdict"] == "B better"
+    assert ev.paired([1, 2], [0, 0])["verdict"] == "within noise"  # fewer than 3 pairs never decide
+    with pytest.raises(ValueError, match="equal length"):
+        ev.paired([1, 2, 3], [1, 2])

@@ -54,6 +54,13 @@ def test_streaming_llm_keeps_exactly_the_sinks_and_the_window():
     assert layer.keys[0, 0, :, 0].tolist() == [0, 1, 2, 3, 14, 15, 16, 17, 18, 19]  # the keys moved with them
 
 
+def test_oracle_keeps_its_positions_then_the_most_recent():
+    cache, layer = _layer(list(range(12)))
+    cache.policy, cache.budget = kv.Oracle(positions=(2, 5)), 5
+    cache._evict(5)
+    assert layer.positions[0, 0].tolist() == [2, 5, 9, 10, 11]
+
+
 def test_h2o_keeps_heavy_hitters_and_the_recent_half():
     # 8 tokens, budget 4: recent half = positions 6, 7; heavy hitters among 0..5 by accumulated attention.
     cache, layer = _layer(list(range(8)))
@@ -268,3 +275,27 @@ def test_bad_input_is_refused_before_generation(tiny):
         with kv.evicting(torch.nn.Linear(2, 2), "h2o", 8):
             pass
     assert not any(tiny._forward_pre_hooks.values())
+
+
+# --------------------------------------------------------------------------- the notebook
+
+
+def test_notebook_smoke_run(smoke_runs):
+    results, nb_path = smoke_runs("04_kv_eviction")
+    assert results["full"]["retrieval_accuracy"] == 1.0  # the one smoke item, answered from the full cache
+    assert results["full"]["kv_bytes"] > 0 and results["full"]["decode_tokens_per_s"] > 0
+    runs = results["runs"]
+    keys = {"policy", "moment", "budget", "retrieval_accuracy", "reasoning_agreement", "continuation_perplexity",
+            "kv_bytes_ratio", "decode_speed_ratio"}
+    assert {(r["policy"], r["moment"]) for r in runs} == {(p, m) for p in ("streaming_llm", "h2o", "lazy_eviction")
+                                                          for m in ("prompt", "decode")}
+    for r in runs:
+        assert keys <= set(r) and r["budget"] == 0.7
+        if r["retrieval_accuracy"] is not None:
+            assert 0 < r["kv_bytes_ratio"] < 0.85  # a 70% budget really holds less than the full cache
+            assert r["continuation_perplexity"] >= 1.0 and 0 <= r["reasoning_agreement"] <= 1
+    assert any(r["decode_speed_ratio"] for r in runs if r["moment"] == "decode")
+    rec = results["recurrence"]
+    assert sum(rec["gap_histogram"]) == rec["returns"] and 0 <= rec["fraction_recurring"] <= 1
+    assert results["retrieval_heads"]["total_heads"] == 270  # 30 layers x 9 query heads
+    assert (nb_path.parent / "results" / "figures" / "04_kv_eviction" / "eviction_maps.png").is_file()
