@@ -181,13 +181,7 @@ def model_traces(model: nn.Module, tokenizer, problems: list[Problem], *, max_ne
     return traces
 
 
-def _left_pad(tokenizer, texts):
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        return tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True)
-    finally:
-        tokenizer.padding_side = side
+from .data import left_padded as _left_pad  # noqa: E402  (one left-padding helper for chapters 4 and 5)
 
 
 # --------------------------------------------------------------------------- segmentation

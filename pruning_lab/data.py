@@ -310,6 +310,17 @@ def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tenso
     return ids
 
 
+def left_padded(tokenizer, texts: list[str]):
+    """``texts`` tokenised as one left-padded batch (no special tokens): what batched generation needs. The
+    tokenizer's own padding side is restored afterwards."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        return tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
+
+
 def calibration_batch(tokenizer, text: str, n_samples: int, seq_len: int, seed: int = 0,
                       max_chars: int | None = 2_000_000) -> torch.Tensor:
     """``(n_samples, seq_len)`` token windows at seeded random offsets of the calibration text.

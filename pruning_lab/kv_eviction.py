@@ -652,13 +652,7 @@ def retrieval_heads(maps: list[torch.Tensor], span: tuple[int, int]) -> torch.Te
 # --------------------------------------------------------------------------- the chapter's experiments
 
 
-def _batch(tokenizer, prompts: list[str]):
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        return tokenizer(prompts, add_special_tokens=False, return_tensors="pt", padding=True)
-    finally:
-        tokenizer.padding_side = side
+from .data import left_padded as _batch  # noqa: E402  (the notebook calls kv._batch)
 
 
 def retrieval_accuracy(model, tokenizer, items, *, policy="full", budget=None, moment="decode", answer_tokens: int = 6,
