@@ -514,7 +514,7 @@ def _kv_bytes(cache) -> int:
 def generate(model: nn.Module, input_ids: torch.Tensor, *, policy="full", budget: float | int | None = None,
              moment: str = "decode", max_new_tokens: int = 32, attention_mask: torch.Tensor | None = None,
              prefill_chunk: int | None = None, evict_every: int | None = None, record: bool = False,
-             force: torch.Tensor | None = None, eos_token_id: int | None = None) -> Generation:
+             force: torch.Tensor | None = None) -> Generation:
     """Greedy decoding with an evicting cache, in a manual loop (positions of the full sequence).
 
     ``input_ids`` (B, T), left-padded with ``attention_mask`` for a batch. ``prefill_chunk`` feeds the
@@ -522,7 +522,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, *, policy="full", budget
     counted from the prompt's end so that every left-padded row is cut exactly as it would be alone.
     ``force`` (B, N): teacher forcing — feed these tokens instead of the greedy ones; the returned
     ``tokens`` are still the greedy choices at each step and ``Generation.logprobs`` holds
-    log p(force[:, i]). ``eos_token_id`` stops nothing (batches stay aligned) but is kept for callers.
+    log p(force[:, i]). Generation never stops early, so the rows of a batch stay aligned.
     """
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError("input_ids must be (batch, tokens) with at least one token.")
