@@ -62,6 +62,7 @@ class FullCache:
     sinks: int = 0
     queries: int = 0  # how many of the latest queries ``score`` needs (their attention is computed)
     observes: bool = False  # whether every query's attention must pass through ``observe`` once
+    observes_sum: bool = False  # ``observe`` needs only the sum over queries: one (B, H, 1, S) row may stand for many
 
     def recent(self, budget: int) -> int:
         return 0
@@ -92,6 +93,7 @@ class H2O(FullCache):
     name = "h2o"
     recent_ratio: float = 0.5
     observes: bool = True  # every query's attention is accumulated once
+    observes_sum: bool = True  # ... and only its sum over queries matters
 
     def recent(self, budget):
         return int(budget * self.recent_ratio)
@@ -279,26 +281,36 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def group_attention(queries: torch.Tensor, query_pos: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor,
-                    valid: torch.Tensor) -> torch.Tensor:
+                    valid: torch.Tensor, sum_queries: bool = False) -> torch.Tensor:
     """softmax(q·kᵀ/√d) of each buffered query over the cached keys, causal by full-sequence position,
-    padding masked, averaged over the query heads that share a KV head: (B, H_kv, Q, S)."""
+    padding masked, averaged over the query heads that share a KV head: (B, H_kv, Q, S).
+    ``sum_queries=True`` returns its sum over the queries instead, as one row (B, H_kv, 1, S).
+
+    Kept slots are in sequence order, so the keys no query can see yet (positions after the last query)
+    form a tail of every row: it is cut before the matmul and comes back as zeros, and the causal mask is
+    applied only where some query can see a key that another cannot (the diagonal block)."""
     b, hq, q, d = queries.shape
-    hkv = keys.shape[1]
+    s, hkv = keys.shape[-2], keys.shape[1]
     g = hq // hkv
-    # one batched matmul per KV head over its g query heads (scaled queries: no pass over the scores), in-place
-    # masking, the group mean as g - 1 contiguous adds (a reduction over a middle dimension is slow on CPU)
+    n = int((key_pos <= query_pos[-1]).sum(-1).max())  # slots some query can see: a prefix of every row
+    keys, key_pos, valid = keys[:, :, :n], key_pos[..., :n], valid[..., :n]
+    # one batched matmul per KV head over its g query heads (scaled queries: no pass over the scores)
     scaled = queries.float().reshape(b, hkv, g * q, d) * (1 / math.sqrt(d))
-    logits = torch.matmul(scaled, keys.float().transpose(-1, -2)).view(b, hkv, g, q, -1)
-    allowed = (key_pos[:, :, None, :] <= query_pos[None, None, :, None]) & valid[:, :, None, :]  # (B, H, Q, S)
-    logits.masked_fill_(~allowed[:, :, None], -math.inf)
+    logits = torch.matmul(scaled, keys.float().transpose(-1, -2)).view(b, hkv, g, q, n)
+    m = 0 if not bool(valid.all()) else int((key_pos < query_pos[0]).sum(-1).min())  # all queries see [0, m)
+    allowed = (key_pos[:, :, None, m:] <= query_pos[None, None, :, None]) & valid[:, :, None, m:]  # (B, H, Q, n-m)
+    logits[..., m:].masked_fill_(~allowed[:, :, None], -math.inf)
     probs = torch.softmax(logits, -1)
-    out = probs[:, :, 0].clone()
-    for j in range(1, g):
-        out += probs[:, :, j]
-    out /= g
-    if bool(torch.isnan(out[..., 0]).any()):  # a query (a padding slot) that sees no key at all: NaN row
-        out = out.nan_to_num_(0.0)
-    return out
+    if bool(torch.isnan(probs[..., 0]).any()):  # a query (a padding slot) that sees no key at all: NaN row
+        probs = probs.nan_to_num_(0.0)
+    if sum_queries:  # a matmul with ones: the sum over g·q rows without a slow middle-dimension reduction
+        out = torch.matmul(probs.new_full((1, g * q), 1.0 / g), probs.view(b, hkv, g * q, n))
+    else:  # the group mean as g - 1 contiguous adds (a reduction over a middle dimension is slow on CPU)
+        out = probs[:, :, 0].clone()
+        for j in range(1, g):
+            out += probs[:, :, j]
+        out /= g
+    return F.pad(out, (0, s - n)) if n < s else out
 
 
 class EvictingCache(Cache):
@@ -325,8 +337,8 @@ class EvictingCache(Cache):
         if p.observes:
             for a in range(layer.observed, total, chunk):
                 qs, qp = layer.queries[:, :, a:a + chunk], layer.query_pos[a:a + chunk]
-                p.observe(layer.state, group_attention(qs, qp, layer.keys, layer.positions, layer.valid),
-                          layer.positions, qp)
+                attn = group_attention(qs, qp, layer.keys, layer.positions, layer.valid, sum_queries=p.observes_sum)
+                p.observe(layer.state, attn, layer.positions, qp)
         attn = None
         if p.queries > 0:
             need = min(p.queries, total)
@@ -339,34 +351,49 @@ class EvictingCache(Cache):
         return attn
 
     def _evict(self, target: int) -> None:
+        """Cut every layer holding more than ``target`` slots to ``target``. Scores come per layer (each has
+        its own queries and keys); protection, the top-k and the sort run once over all layers stacked
+        (every layer holds the same number of slots, as the budget is the same), then each layer's compact
+        keys, values, positions and statistics are gathered."""
         t0 = time.perf_counter()
-        p = self.policy
-        for layer in self.layers:
-            s = layer.kept()
-            if s <= target:
-                continue
-            attn = self._observe(layer)
-            score = p.score(layer.state, attn, layer.positions).float()
-            pos = layer.positions
-            recent_from = layer.seen - min(p.recent(self.budget), target)
-            first_real = torch.where(layer.valid, pos, layer.seen).amin(-1, keepdim=True)  # sinks: first real tokens
-            protect = (pos >= recent_from) | ((pos - first_real >= 0) & (pos - first_real < p.sinks) & layer.valid)
-            score = torch.where(protect, torch.full_like(score, math.inf), score)
-            # padding: lowest of all, below every real token (-inf is taken by nothing else)
-            score = torch.where(layer.valid, score.nan_to_num(neginf=-1e30), torch.full_like(score, -math.inf))
-            idx = score.topk(target, dim=-1, sorted=False).indices.sort(-1).values  # kept slots in sequence order
-            layer.keys = layer.keys.gather(2, idx[..., None].expand(-1, -1, -1, layer.keys.shape[-1])).contiguous()
-            layer.values = layer.values.gather(2, idx[..., None].expand(-1, -1, -1, layer.values.shape[-1])).contiguous()
-            layer.positions, layer.valid = pos.gather(2, idx), layer.valid.gather(2, idx)
-            for key in ("acc", "last", "mri"):
-                if key in layer.state:
-                    layer.state[key] = layer.state[key].gather(2, idx)
-            self.evictions += s - target
+        layers = [layer for layer in self.layers if layer.kept() > target]
+        if not layers:
+            return
+        sizes = {layer.kept() for layer in layers}
+        if len(sizes) > 1:  # not reached by generate(); a cache filled by hand may differ per layer
+            for layer in layers:
+                self._select([layer], target)
+        else:
+            self._select(layers, target)
         self.scoring_seconds += time.perf_counter() - t0
         ev = {"seen": self.layers[0].seen, "kept": target}
         if self.record:
             ev["positions"] = torch.stack([layer.positions for layer in self.layers]).to(torch.int32).cpu()
         self.events.append(ev)
+
+    def _select(self, layers: list[EvictingLayer], target: int) -> None:
+        p = self.policy
+        score = torch.stack([p.score(layer.state, self._observe(layer), layer.positions).float() for layer in layers])
+        pos = torch.stack([layer.positions for layer in layers])  # (L, B, H, S)
+        valid = torch.stack([layer.valid for layer in layers])
+        seen = layers[0].seen
+        recent_from = seen - min(p.recent(self.budget), target)
+        first_real = torch.where(valid, pos, seen).amin(-1, keepdim=True)  # sinks: the first real tokens
+        protect = (pos >= recent_from) | ((pos - first_real < p.sinks) & valid)
+        score = torch.where(protect, math.inf, score)
+        # padding: lowest of all, below every real token (-inf is taken by nothing else)
+        score = torch.where(valid, score.nan_to_num(neginf=-1e30), -math.inf)
+        idx = score.topk(target, dim=-1, sorted=False).indices.sort(-1).values  # kept slots in sequence order
+        self.evictions += (pos.shape[-1] - target) * len(layers)
+        pos, valid = pos.gather(-1, idx), valid.gather(-1, idx)
+        for i, layer in enumerate(layers):
+            k = idx[i][..., None]
+            layer.keys = layer.keys.gather(2, k.expand(-1, -1, -1, layer.keys.shape[-1])).contiguous()
+            layer.values = layer.values.gather(2, k.expand(-1, -1, -1, layer.values.shape[-1])).contiguous()
+            layer.positions, layer.valid = pos[i], valid[i]
+            for key in ("acc", "last", "mri"):
+                if key in layer.state:
+                    layer.state[key] = layer.state[key].gather(2, idx[i])
 
     def before_forward(self, q_len: int, attention_mask: torch.Tensor | None) -> None:
         """Called before every forward of the model: evict if this moment and budget say so."""

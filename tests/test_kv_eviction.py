@@ -220,6 +220,24 @@ def test_group_attention_matches_eager_softmax():
     assert torch.allclose(got, full.view(1, 2, 3, 3, 10).mean(2), atol=1e-6)
 
 
+def test_group_attention_of_an_early_chunk_and_its_query_sum():
+    # queries at 3..5 over 10 cached keys (as when the prompt is observed chunk by chunk): the unseen tail
+    # (cut before the matmul) comes back as zeros, and padding slots get nothing, as in the eager softmax
+    torch.manual_seed(1)
+    q, k = torch.randn(2, 6, 3, 8), torch.randn(2, 2, 10, 8)
+    qpos, kpos = torch.tensor([3, 4, 5]), torch.arange(10)[None, None].expand(2, 2, 10)
+    valid = torch.ones(2, 2, 10, dtype=torch.bool)
+    valid[1, :, :2] = False  # row 1 is left-padded by two slots
+    bias = torch.where((kpos[:, :, None, :] <= qpos[None, None, :, None]) & valid[:, :, None, :], 0.0, -math.inf)
+    full = torch.softmax(q @ k.repeat_interleave(3, 1).transpose(-1, -2) / math.sqrt(8)
+                         + bias.repeat_interleave(3, 1), -1).view(2, 2, 3, 3, 10).mean(2)
+    got = kv.group_attention(q, qpos, k, kpos, valid)
+    assert got.shape == (2, 2, 3, 10) and torch.allclose(got, full, atol=1e-6)
+    assert got[..., 6:].abs().max() == 0 and got[1, :, :, :2].abs().max() == 0
+    summed = kv.group_attention(q, qpos, k, kpos, valid, sum_queries=True)
+    assert summed.shape == (2, 2, 1, 10) and torch.allclose(summed[:, :, 0], full.sum(2), atol=1e-6)
+
+
 def test_left_padded_batch_equals_one_prompt_at_a_time(tiny):
     a, b = _ids(30, seed=11), _ids(22, seed=12)
     batch = torch.cat([a, torch.cat([torch.zeros(1, 8, dtype=torch.long), b], 1)])
