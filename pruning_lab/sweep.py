@@ -141,23 +141,24 @@ def run_one(notebook: str, params: str | None, combo: dict, out_dir: str, thread
         os.environ[var] = str(threads)  # the kernel inherits the worker's environment
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "attempts.log", "a") as log:  # one line per execution: proves no double runs
-        log.write(f"{os.getpid()} {time.time():.3f}\n")
+    def log(what: str) -> None:  # one line per event: shows how often a combination was started and finished
+        with open(out / "attempts.log", "a") as f:
+            f.write(f"{what} {os.getpid()} {time.time():.3f}\n")
+
+    log("start")
     t0 = time.perf_counter()
     try:
-        workbook.run_notebook(notebook, params, combo, out_dir=out)
+        # the notebook and results reach out_dir only when every cell has run (workbook.run_notebook stages
+        # them): an attempt killed with its worker leaves nothing there but this log and its temporary files
+        workbook.run_notebook(notebook, params, combo, out_dir=out, failed_dir=out / "failed")
     except BaseException as e:  # noqa: BLE001 - reported to the client, the sweep goes on
-        failed = out / f"failed-{Path(notebook).name}"
-        src = workbook.ROOT / "runs" / "failed" / Path(notebook).name
-        if src.is_file():
-            try:
-                os.replace(src, failed)
-            except OSError:
-                failed = src
+        failed = out / "failed" / Path(notebook).name
         msg = str(e).strip().splitlines()
+        log("failed")
         return {"id": out.name, "ok": False, "seconds": time.perf_counter() - t0,
                 "error": f"{type(e).__name__}: " + (msg[-1] if msg else ""),
                 "notebook": str(failed if failed.is_file() else "")}
+    log("done")
     return {"id": out.name, "ok": True, "seconds": time.perf_counter() - t0}
 
 

@@ -191,7 +191,8 @@ def _writable(folder: Path) -> None:
 
 
 def run_notebook(key: str, params: str | None = None, overrides: dict | None = None,
-                 out_dir: str | os.PathLike | None = None, kernel: str = KERNEL_NAME) -> Path:
+                 out_dir: str | os.PathLike | None = None, kernel: str = KERNEL_NAME,
+                 failed_dir: str | os.PathLike | None = None) -> Path:
     """Execute one notebook with papermill and return the executed notebook's path.
 
     Without ``params``/``overrides`` the notebook runs with its committed parameters, in place, and
@@ -200,7 +201,8 @@ def run_notebook(key: str, params: str | None = None, overrides: dict | None = N
 
     A run records into a staging folder; only when every cell has run are the executed notebook, its
     results JSON and its figures moved into place. A failed run changes nothing there: its partly
-    executed notebook is kept in ``runs/failed/`` (named in the error) to show where it stopped.
+    executed notebook is kept in ``failed_dir`` (default ``runs/failed/``; named in the error) to show
+    where it stopped.
     """
     import papermill
 
@@ -228,7 +230,7 @@ def run_notebook(key: str, params: str | None = None, overrides: dict | None = N
             papermill.execute_notebook(str(nb), tmp, parameters=values, kernel_name=kernel,
                                        cwd=str(nb.parent), progress_bar=sys.stderr.isatty())
         except BaseException as e:
-            failed = ROOT / "runs" / "failed" / nb.name
+            failed = Path(failed_dir if failed_dir is not None else ROOT / "runs" / "failed") / nb.name
             if Path(tmp).is_file() and Path(tmp).stat().st_size:
                 failed.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(tmp, failed)

@@ -96,6 +96,9 @@ def test_local_cluster_grid_rerun_failure_and_summary(nb, tmp_path, local_client
     s3 = sweep.run_sweep(sw3, local_client, progress=False)
     assert s3["n_complete"] == 2 and len(s3["failed"]) == 2
     assert all("scale must be positive" in f["error"] for f in s3["failed"])
+    for f in s3["failed"]:  # the partly executed notebook stays in the combination's own folder
+        assert Path(f["notebook"]).is_file() and Path(f["notebook"]).parent == sw3.root / f["id"] / "failed"
+    assert not (sweep.workbook.ROOT / "runs" / "failed" / nb.name).exists()
     # a folder of a different grid is refused, naming the parameters
     with pytest.raises(SystemExit, match="different sweep.*parameters"):
         other = sweep.load_sweep({"name": "t", "notebook": str(nb), "grid": {"sleep": [0.0]}}, tmp_path / "out")
@@ -144,15 +147,26 @@ def test_real_scheduler_and_worker_processes(nb, tmp_path):
             # kill one worker (its whole process group) while tasks run; Dask reschedules its task
             import threading
 
-            def killer():
-                time.sleep(2.0)
+            def killer():  # once both workers have started a combination (each runs one at a time), mid-run
+                end = time.time() + 60
+                while len(list(sw.root.glob("*/attempts.log"))) < 2 and time.time() < end:
+                    time.sleep(0.1)
+                time.sleep(1.0)
                 os.killpg(procs[1].pid, signal.SIGKILL)
 
             threading.Thread(target=killer, daemon=True).start()
             s = sweep.run_sweep(sw, client, progress=False)
             assert s["n_complete"] == 4 and not s["failed"]
+            starts = 0
             for combo in sw.runs:
-                assert (sw.root / sweep.run_id(combo) / "results" / "97_sweepy.json").is_file()
+                folder = sw.root / sweep.run_id(combo)
+                assert (folder / "results" / "97_sweepy.json").is_file()
+                events = [line.split()[0] for line in (folder / "attempts.log").read_text().splitlines()]
+                assert events.count("done") == 1, (folder.name, events)  # published by exactly one attempt
+                assert events[-1] == "done"
+                starts += events.count("start")
+                assert not list(folder.glob("results/.staging-*"))  # no half-written results left behind
+            assert starts > 4  # the kill interrupted a running combination, which Dask ran again
         finally:
             client.close()
     finally:
