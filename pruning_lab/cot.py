@@ -263,21 +263,38 @@ def token_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def token_logprobs_batch(model: nn.Module, seqs: list[torch.Tensor], batch_size: int = 8) -> list[torch.Tensor]:
-    """``token_logprobs`` of many sequences, right-padded into batches: one forward per batch, and
+    """``token_logprobs`` of many sequences: sorted by length and right-padded into batches (little
+    padding), one forward per batch, the output layer applied only where the next token is real (for a
+    Llama-style ``model.model`` + ``lm_head``; other models: all positions), and
     log p = logit − logsumexp(logits) without materialising the full log-softmax."""
     device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(seqs), batch_size):
-        chunk = seqs[i:i + batch_size]
+    base, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    split = (base is not None and isinstance(head, nn.Linear)
+             and getattr(model.config, "final_logit_softcapping", None) is None
+             and getattr(model.config, "logit_scale", None) is None)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out: list[torch.Tensor | None] = [None] * len(seqs)
+    for i in range(0, len(order), batch_size):
+        rows = order[i:i + batch_size]
+        chunk = [seqs[j] for j in rows]
         n = max(len(x) for x in chunk)
         ids = torch.zeros(len(chunk), n, dtype=torch.long)
         mask = torch.zeros(len(chunk), n, dtype=torch.long)
         for r, x in enumerate(chunk):
             ids[r, :len(x)], mask[r, :len(x)] = x, 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits[:, :-1].float()
-        lp = (logits.gather(-1, ids[:, 1:, None].to(device))[..., 0] - torch.logsumexp(logits, -1)).cpu()
-        for r, x in enumerate(chunk):
-            out.append(torch.cat([lp.new_zeros(1), lp[r, :len(x) - 1]]))
+        ids, mask = ids.to(device), mask.to(device)
+        nxt = mask[:, 1:].bool()  # positions whose next token is real
+        if split:
+            hidden = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]
+            logits = head(hidden[nxt]).float()  # (real positions, vocab)
+            lp = torch.zeros(nxt.shape, device=device)
+            lp[nxt] = logits.gather(-1, ids[:, 1:][nxt][:, None])[:, 0] - torch.logsumexp(logits, -1)
+        else:
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+            lp = logits.gather(-1, ids[:, 1:, None])[..., 0] - torch.logsumexp(logits, -1)
+        lp = lp.cpu()
+        for r, (j, x) in enumerate(zip(rows, chunk)):
+            out[j] = torch.cat([lp.new_zeros(1), lp[r, :len(x) - 1]])
     return out
 
 

@@ -107,6 +107,18 @@ def test_one_pass_scores_equal_the_per_step_slow_computation(model, tok, trace):
         assert float(mean[i]) == pytest.approx(float(slow), abs=1e-4)
 
 
+def test_batched_logprobs_equal_full_log_softmax_in_input_order(model, tok):
+    # lengths out of order and a batch of 2, so sorting, padding and the output layer on real positions only
+    # all matter; each row must equal the full-vocabulary log-softmax of its own unpadded forward
+    seqs = [torch.randint(5, len(tok), (n,), generator=torch.Generator().manual_seed(n)) for n in (17, 5, 30, 9, 12)]
+    got = cot.token_logprobs_batch(model, seqs, batch_size=2)
+    for x, lp in zip(seqs, got):
+        with torch.no_grad():
+            full = torch.log_softmax(model(input_ids=x[None]).logits[0, :-1].float(), -1).gather(-1, x[1:, None])[:, 0]
+        assert lp.shape == x.shape and lp[0] == 0
+        assert torch.allclose(lp[1:], full, atol=1e-4)
+
+
 def test_answer_gain_equals_separate_forwards(model, tok, trace):
     enc = cot.encode(tok, trace)
     logp = cot.token_logprobs(model, enc.ids)
