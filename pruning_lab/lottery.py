@@ -628,6 +628,68 @@ def rewind_sweep(hp: LotteryHparams, ks: Iterable[int], level: int, seeds: Itera
         stops = [r.levels[level]["ticket"]["early_stop_iteration"] for r in runs]
         out.append({"rewind_iteration": k, "level": level, "weights_remaining": runs[0].levels[level]["weights_remaining"],
                     "ticket_accuracy": _mean(accs), "ticket_accuracy_std": _std(accs), "ticket_accuracy_per_seed": accs,
-                    "ticket_final_accuracy": _mean(finals), "ticket_final_accuracy_per_seed": finals,
+                    "ticket_final_accuracy": _mean(finals), "ticket_final_accuracy_std": _std(finals),
+                    "ticket_final_accuracy_per_seed": finals,
                     "ticket_early_stop_iteration": _mean(stops), "ticket_early_stop_iteration_per_seed": stops})
+    return out
+
+
+def merge_summaries(summaries: list[dict]) -> dict:
+    """One ``summarize``-shaped summary from several (e.g. one per seed, run by a sweep): the per-seed
+    values are concatenated and the means and sample stds recomputed. The runs must share their pruning
+    schedule (the same fraction of weights left at every level); only the seed may differ."""
+    if not summaries:
+        raise ValueError("merge_summaries() needs at least one summary.")
+    n_levels = min(len(s["levels"]) for s in summaries)
+    rows = []
+    for level in range(n_levels):
+        per = [s["levels"][level] for s in summaries]
+        left = {round(p["weights_remaining"], 6) for p in per}
+        if len(left) > 1:
+            raise ValueError(f"Level {level} leaves {sorted(left)} of the weights in different runs: merge only runs "
+                             "that differ by seed (the same prune rates, model and data).")
+        row = {k: per[0][k] for k in ("level", "weights_remaining", "layer_remaining")}
+        for key in per[0]:
+            if key.endswith("_per_seed"):
+                vals = [v for p in per for v in p[key]]
+                name = key.removesuffix("_per_seed")
+                row[name], row[f"{name}_std"], row[key] = _mean(vals), _std(vals), vals
+        rows.append(row)
+    return {"seeds": [x for s in summaries for x in s["seeds"]], "dense_accuracy": rows[0]["ticket_accuracy"],
+            "dense_accuracy_per_seed": rows[0]["ticket_accuracy_per_seed"],
+            "dense_final_accuracy": rows[0]["ticket_final_accuracy"], "levels": rows}
+
+
+def summary_from_sweep(path: str | Path) -> dict:
+    """The lottery summary of a finished ``workbook sweep`` of this chapter (its folder or summary.json),
+    merged over its runs (``merge_summaries``): the figure of notebook 02 with the sweep's seeds."""
+    from .sweep import load_summary
+
+    s = load_summary(path)
+    rows = [r["results"] for r in s["rows"]]
+    if not rows:
+        raise ValueError(f"The sweep at {path} has no finished run yet: run it (or rerun it to retry failures).")
+    missing = [k for k in ("seeds", "levels") if any(k not in r for r in rows)]
+    if missing:
+        raise ValueError(f"The sweep at {path} did not keep {missing} in its summary: add them to the sweep file's "
+                         "'keys' (e.g. keys: [seeds, levels, dense_accuracy]) and rerun the sweep (finished runs are "
+                         "not repeated).")
+    return merge_summaries(rows)
+
+
+def paired_by_level(summary: dict, a: str = "ticket", b: str = "dense", column: str = "accuracy") -> list[dict]:
+    """Per pruned level, ``eval.paired`` of ``a`` against ``b`` seed by seed (the same seed's runs share
+    θ_0 and the data order): ``a``/``b`` are ``ticket``, a baseline name, or ``dense`` (level 0's ticket);
+    ``column`` is ``accuracy`` (at early stop), ``final_accuracy`` or ``early_stop_iteration``.
+    Levels where either side was not measured are left out."""
+    from .eval import paired
+
+    dense = summary["levels"][0][f"ticket_{column}_per_seed"]
+    out = []
+    for lv in summary["levels"][1:]:
+        xa = dense if a == "dense" else lv.get(f"{a}_{column}_per_seed")
+        xb = dense if b == "dense" else lv.get(f"{b}_{column}_per_seed")
+        if not xa or not xb or None in xa or None in xb:
+            continue
+        out.append({"level": lv["level"], "weights_remaining": lv["weights_remaining"], **paired(xa, xb)})
     return out

@@ -259,7 +259,7 @@ def write_summary(sw: Sweep) -> dict:
                "aggregate": aggregate(rows, sw.aggregate)}
     (sw.root / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     pcols = sorted({k for r in rows for k in r["params"]})
-    rcols = sorted({k for r in rows for k in r["results"]})
+    rcols = sorted({k for r in rows for k in _scalars(r["results"])})  # lists and tables stay in the JSON
     with open(sw.root / "summary.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["id", *pcols, *rcols])
@@ -268,11 +268,13 @@ def write_summary(sw: Sweep) -> dict:
     return summary
 
 
-def aggregate(rows: list[dict], keys: list[str], over: str = "seed") -> list[dict]:
-    """Group rows by every parameter but ``over``; mean, std (sample, n-1) and n of each key."""
+def aggregate(rows: list[dict], keys: list[str], over: tuple[str, ...] = ("seed", "seeds")) -> list[dict]:
+    """Group rows by every parameter but those in ``over`` (the seed: ``seed``, or ``seeds`` for notebooks
+    such as 02 that take a list); mean, std (sample, n-1) and n of each key."""
+    over = (over,) if isinstance(over, str) else tuple(over)
     groups: dict[str, dict] = {}
     for r in rows:
-        rest = {k: v for k, v in r["params"].items() if k != over}
+        rest = {k: v for k, v in r["params"].items() if k not in over}
         g = groups.setdefault(json.dumps(rest, sort_keys=True), {"params": rest, "values": {}})
         for k in keys:
             v = r["results"].get(k)
@@ -294,7 +296,7 @@ def load_summary(path: str | os.PathLike) -> dict:
     """A finished sweep's summary (folder or summary.json): ``{"rows": [...], "aggregate": [...]}``.
 
     For a notebook: ``s = load_summary(sweep_summary)``; each row is ``{"id", "params", "results"}``,
-    each aggregate ``{"params": {...}, "<key>": {"mean", "std", "n"}}`` (grouped over ``seed``).
+    each aggregate ``{"params": {...}, "<key>": {"mean", "std", "n"}}`` (grouped over ``seed``/``seeds``).
     """
     p = Path(path)
     if p.is_dir():
