@@ -2,8 +2,9 @@
 
 Serial: four `workbook.run_notebook` calls one after another. Sweep: the same four as a Dask sweep on a
 LocalCluster of 2 single-threaded workers (cluster start included). Ratio = sweep / serial (issue 12
-asks ≤ 0.65 on 2 cores). Engine overhead: cluster start + dispatch of 20 no-op tasks, per run.
-Usage: .venv/bin/python benchmarks/bench_sweep.py
+asks ≤ 0.65 on 2 cores). Engine overhead: cluster start + dispatch of 20 no-op tasks, per run. The two
+alternate for --rounds rounds (default 2) and the best time of each is kept (this machine is noisy).
+Usage: .venv/bin/python benchmarks/bench_sweep.py [--rounds 2]
 """
 
 import shutil
@@ -43,16 +44,27 @@ def swept(out: Path) -> tuple[float, float, float]:
 
 
 if __name__ == "__main__":
-    tmp = Path(tempfile.mkdtemp(prefix="bench_sweep_"))
-    try:
-        t_serial = serial(tmp / "serial")
-        t_sweep, t_start, t_dispatch = swept(tmp / "sweep")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    figures = {"runs": len(SEEDS), "workers": 2, "serial_s": round(t_serial, 2), "sweep_s": round(t_sweep, 2),
-               "sweep_over_serial": round(t_sweep / t_serial, 3),
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    best = {"serial": float("inf"), "sweep": float("inf")}
+    t_start = t_dispatch = float("inf")
+    for r in range(args.rounds):
+        tmp = Path(tempfile.mkdtemp(prefix="bench_sweep_"))
+        try:
+            best["serial"] = min(best["serial"], serial(tmp / "serial"))
+            t, ts, td = swept(tmp / "sweep")
+            if t < best["sweep"]:
+                best["sweep"], t_start, t_dispatch = t, ts, td
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        print(f"round {r + 1}: best so far serial {best['serial']:.1f} s, sweep {best['sweep']:.1f} s", flush=True)
+    figures = {"runs": len(SEEDS), "workers": 2, "rounds": args.rounds, "serial_s": round(best["serial"], 2),
+               "sweep_s": round(best["sweep"], 2), "sweep_over_serial": round(best["sweep"] / best["serial"], 3),
                "cluster_start_s": round(t_start, 3), "dispatch_per_task_s": round(t_dispatch, 4),
                "engine_overhead_per_run_s": round(t_start / len(SEEDS) + t_dispatch, 3),
-               "note": "2 shared cores (other agents running); one run, serial first then sweep"}
+               "target_met": best["sweep"] / best["serial"] <= 0.65}
     print(figures)
     print(workbook.record_benchmark("sweep", figures))

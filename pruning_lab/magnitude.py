@@ -346,6 +346,22 @@ def plot_sparsity(report: list[dict] | Masks, ax=None, label: str | None = None,
 # --------------------------------------------------------------------------- gradual pruning
 
 
+def small_dense_widths(target_weights: int, widths: tuple[int, ...] = (300, 100), inputs: int = 784,
+                       outputs: int = 10, min_units: int = 10) -> tuple[int, ...] | None:
+    """Hidden widths of a narrower MLP with at most ``target_weights`` weights (biases not counted): every
+    hidden layer of ``widths`` scaled by one factor, none below ``min_units`` (Zhu & Gupta's small-dense
+    model of the same size as a large-sparse one). ``None`` when even ``min_units`` per layer is too many."""
+    def count(hidden):
+        sizes = (inputs, *hidden, outputs)
+        return sum(a * b for a, b in zip(sizes, sizes[1:]))
+
+    for per_mille in range(1000, 0, -1):
+        hidden = tuple(max(min_units, round(w * per_mille / 1000)) for w in widths)
+        if count(hidden) <= target_weights:
+            return hidden
+    return None
+
+
 def cubic_sparsity(step: int, final_sparsity: float, *, initial_sparsity: float = 0.0, start: int = 0,
                    n_prunes: int = 10, frequency: int = 100) -> float:
     """Zhu & Gupta (2017): s_t = s_f + (s_i - s_f) (1 - (t - t0) / (n Δt))^3, held at s_i before t0

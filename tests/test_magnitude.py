@@ -236,22 +236,49 @@ def test_notebook_smoke_run_records_its_numbers(smoke_runs):
     assert results["layer_collapse"]["min_per_layer"] == 200
     assert results["layer_collapse"]["kept_per_layer_global"]["fc1.weight"] == 0  # collapsed at init
     assert min(results["layer_collapse"]["kept_per_layer_global_mt"].values()) >= 200
+    assert results["params"]["seeds"] == [0] and len(results["dense_accuracy_per_seed"]) == 1
+    (small,) = results["large_sparse_vs_small_dense"]  # at 90%: a (33, 11) net, both layers >= 10 units
+    assert small["small_dense_hidden"] == [33, 11] and small["small_dense_weights"] <= small["large_sparse_weights"]
+    assert small["large_minus_small"]["n"] == 1 and small["large_minus_small"]["verdict"] == "within noise"
 
 
 def test_committed_notebook_results_tell_the_story():
-    """The committed classroom run (results/01_global_magnitude.json) holds the numbers the text cites."""
+    """The committed classroom run (results/01_global_magnitude.json): >= 3 seeds, every paired comparison
+    recomputable from its per-seed numbers, small-dense nets of >= 10 units per hidden layer, and the
+    rendered findings table of the committed notebook saying what those comparisons say."""
     import json
     from pathlib import Path
 
-    saved = json.loads((Path(__file__).resolve().parents[1] / "results" / "01_global_magnitude.json").read_text())
+    from pruning_lab.eval import paired
+
+    root = Path(__file__).resolve().parents[1]
+    saved = json.loads((root / "results" / "01_global_magnitude.json").read_text())
+    seeds = saved["params"]["seeds"]
+    assert len(seeds) >= 3 and len(saved["dense_accuracy_per_seed"]) == len(seeds)
     assert saved["mask_agreement_vs_torch_prune"] == 1.0
     for key in ("accuracy_vs_sparsity", "dense_accuracy", "llm_perplexity_vs_sparsity", "dense_perplexity"):
         assert key in saved
     collapse = saved["layer_collapse"]
     assert min(collapse["kept_per_layer_global_mt"].values()) >= collapse["min_per_layer"]
-    # an empty first layer makes the output constant: exactly chance on the balanced test set
-    assert collapse["kept_per_layer_global"]["fc1.weight"] == 0 and collapse["global_accuracy"] == 0.1
-    assert collapse["global_mt_accuracy"] > 0.5
+    # an empty first layer makes the output constant: exactly chance on the balanced test set, for every seed
+    assert collapse["kept_per_layer_global"]["fc1.weight"] == 0 and collapse["global_accuracy_per_seed"] == [0.1] * len(seeds)
+    assert collapse["mt_minus_global"] == paired(collapse["global_mt_accuracy_per_seed"], collapse["global_accuracy_per_seed"])
+    for r in saved["gradual_vs_oneshot"]:
+        assert r["gradual_minus_oneshot"] == paired(r["gradual_accuracy_per_seed"], r["oneshot_accuracy_per_seed"])
+    gradual = {r["sparsity"]: r for r in saved["gradual_vs_oneshot"]}
+    for r in saved["large_sparse_vs_small_dense"]:
+        assert min(r["small_dense_hidden"]) >= saved["params"]["small_dense_min_units"]
+        assert r["large_minus_small"] == paired(gradual[r["sparsity"]]["gradual_accuracy_per_seed"],
+                                                r["small_dense_accuracy_per_seed"])
+    nb = json.loads((root / "notebooks" / "01_global_magnitude.ipynb").read_text())
+    table = next("".join(o["data"]["text/markdown"]) for c in nb["cells"] if c["cell_type"] == "code"
+                 for o in c.get("outputs", []) if "Large-sparse beats small-dense" in "".join(o.get("data", {}).get("text/markdown", "")))
+    for r in saved["gradual_vs_oneshot"]:
+        word = {"A better": "gradual better", "B better": "one-shot better", "within noise": "within noise"}
+        d = r["gradual_minus_oneshot"]
+        assert (f"{r['sparsity']}: gradual {r['gradual_accuracy']:.3f} vs one-shot {r['oneshot_accuracy']:.3f} "
+                f"({100 * d['mean_difference']:+.2f} ± {100 * d['std_difference']:.2f} pts, {word[d['verdict']]})") in table
+    assert f"{len(seeds)} seeds, paired" in table
 
 
 def test_prune_and_finetune_keeps_the_mask_and_reports_both_accuracies():
@@ -272,3 +299,13 @@ def test_prune_and_finetune_keeps_the_mask_and_reports_both_accuracies():
     assert before < 0.25 and run.test_accuracy > before + 0.25
     params = dict(m.named_parameters())
     assert all(int((params[n][~k] != 0).sum()) == 0 for n, k in masks.items())
+
+
+def test_small_dense_widths_by_hand():
+    # 10% of LeNet-300-100's 266,200 weights: (33, 11) has 784*33 + 33*11 + 11*10 = 26,345 <= 26,620; (34, 11) 27,140
+    assert mg.small_dense_widths(26_620) == (33, 11)
+    # 5%: the second layer would shrink to 6 units; held at 10, the first gets what is left: 784*16 + 160 + 100
+    assert mg.small_dense_widths(13_310) == (16, 10)
+    # 2%: even 10 + 10 units need 784*10 + 100 + 100 = 8,040 weights
+    assert mg.small_dense_widths(5_324) is None
+    assert mg.small_dense_widths(8_040) == (10, 10) and mg.small_dense_widths(266_200) == (300, 100)
