@@ -197,7 +197,12 @@ def make_client(engine: str = "local", scheduler: str | None = None, cluster: st
     if engine != "local":
         raise SystemExit(f"Unknown engine {engine!r}: use 'local', --scheduler or --cluster.")
     n = n_workers or os.cpu_count() or 1
-    cl = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
+    import dask
+
+    # Dask's statistical profiler samples the running task's stack every 10 ms, in the process that runs the
+    # notebook: of no use for a sweep of papermill runs, and measurable on 2 cores
+    with dask.config.set({"distributed.worker.profile.enabled": False}):
+        cl = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
     return Client(cl), cl
 
 
