@@ -27,3 +27,4 @@ def smoke_runs(tmp_path_factory):
         return done[stem]
 
     return run
+

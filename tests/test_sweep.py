@@ -9,29 +9,22 @@ import sys
 import time
 from pathlib import Path
 
-import nbformat
 import pytest
 
 from pruning_lab import sweep, workbook
+
+from notebook_helpers import write_notebook
 
 BIN = Path(sys.executable).parent
 
 
 def make_notebook(path):
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": workbook.KERNEL_NAME, "display_name": "x", "language": "python"}
-    p = nbformat.v4.new_code_cell("seed = 0\nscale = 1.0\nsleep = 0.0\n")
-    p.metadata["tags"] = ["parameters"]
-    body = nbformat.v4.new_code_cell(
-        "import time\nfrom pruning_lab.workbook import Recorder\n"
-        "assert scale > 0, 'scale must be positive'\n"
-        "time.sleep(sleep)\n"
-        "rec = Recorder('97_sweepy', params=dict(seed=seed, scale=scale))\n"
-        "rec.record(score=(seed + 1) * scale, tag='x')\n"
-    )
-    nb.cells = [p, body]
-    nbformat.write(nb, path)
-    return path
+    return write_notebook(path, "seed = 0\nscale = 1.0\nsleep = 0.0\n",
+                          "import time\nfrom pruning_lab.workbook import Recorder\n"
+                          "assert scale > 0, 'scale must be positive'\n"
+                          "time.sleep(sleep)\n"
+                          "rec = Recorder('97_sweepy', params=dict(seed=seed, scale=scale))\n"
+                          "rec.record(score=(seed + 1) * scale, tag='x')\n")
 
 
 @pytest.fixture

@@ -9,6 +9,8 @@ import pytest
 from pruning_lab import workbook
 from pruning_lab._io import write_json
 
+from notebook_helpers import write_notebook
+
 
 def test_recorder_writes_plain_json_atomically(tmp_path, monkeypatch):
     import torch
@@ -40,18 +42,9 @@ def test_failed_write_keeps_the_old_file(tmp_path):
 
 
 def make_notebook(path, params_src="n = 3\nlabel = 'x'\n"):
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": workbook.KERNEL_NAME, "display_name": "x", "language": "python"}
-    p = nbformat.v4.new_code_cell(params_src)
-    p.metadata["tags"] = ["parameters"]
-    body = nbformat.v4.new_code_cell(
-        "from pruning_lab.workbook import Recorder\n"
-        "rec = Recorder('98_tiny', params=dict(n=n, label=label))\n"
-        "rec.record(square=n * n)\nprint(label * n)"
-    )
-    nb.cells = [p, body]
-    nbformat.write(nb, path)
-    return path
+    return write_notebook(path, params_src, "from pruning_lab.workbook import Recorder\n"
+                          "rec = Recorder('98_tiny', params=dict(n=n, label=label))\n"
+                          "rec.record(square=n * n)\nprint(label * n)")
 
 
 def test_unknown_parameter_is_refused_before_running(tmp_path):
@@ -135,18 +128,11 @@ def test_record_benchmark_writes_figures_with_the_machine(tmp_path):
 
 def _staged_notebook(path, fail: bool):
     """A notebook that records a number and a figure, then (optionally) fails in its last cell."""
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": workbook.KERNEL_NAME, "display_name": "x", "language": "python"}
-    p = nbformat.v4.new_code_cell("n = 3\n")
-    p.metadata["tags"] = ["parameters"]
-    body = nbformat.v4.new_code_cell(
-        "import matplotlib.pyplot as plt\nfrom pruning_lab.workbook import Recorder\n"
-        "rec = Recorder('97_staged', params=dict(n=n))\nrec.record(square=n * n)\n"
-        "fig, ax = plt.subplots(); ax.plot([n, n * n]); rec.figure(fig, 'curve')"
-    )
-    nb.cells = [p, body, nbformat.v4.new_code_cell("raise RuntimeError('injected failure')" if fail else "n")]
-    nbformat.write(nb, path)
-    return path
+    return write_notebook(path, "n = 3\n",
+                          "import matplotlib.pyplot as plt\nfrom pruning_lab.workbook import Recorder\n"
+                          "rec = Recorder('97_staged', params=dict(n=n))\nrec.record(square=n * n)\n"
+                          "fig, ax = plt.subplots(); ax.plot([n, n * n]); rec.figure(fig, 'curve')",
+                          "raise RuntimeError('injected failure')" if fail else "n")
 
 
 def test_a_failed_in_place_run_changes_nothing(tmp_path, monkeypatch):
