@@ -217,3 +217,23 @@ def paired(a, b, *, min_n: int = 3) -> dict:
     if n >= min_n and abs(mean) > 2 * std / n ** 0.5:
         verdict = "A better" if mean > 0 else "B better"
     return {"n": n, "mean_difference": mean, "std_difference": std, "verdict": verdict}
+
+
+def mean_std(xs) -> tuple[float, float]:
+    """Mean and sample standard deviation (n − 1; 0 for one value) of a list of numbers."""
+    t = torch.as_tensor(list(xs), dtype=torch.float64)
+    if t.numel() == 0:
+        raise ValueError("mean_std() needs at least one value.")
+    return float(t.mean()), float(t.std()) if t.numel() > 1 else 0.0
+
+
+def paired_text(p: dict, a: str = "A", b: str = "B", *, scale: float = 100.0, digits: int = 2, unit: str = " pts",
+                marks: bool = False) -> str:
+    """``paired``'s result for a reader: ``"+0.65 ± 0.29 pts, ticket better"`` (or with ``marks`` the compact table
+    form ``"+0.65 ± 0.29 **+**"``: **+** / **−** beyond noise, ≈ within noise)."""
+    sd = "" if p["std_difference"] != p["std_difference"] else f" ± {scale * p['std_difference']:.{digits}f}"
+    number = f"{scale * p['mean_difference']:+.{digits}f}{sd}"
+    if marks:
+        return f"{number} " + {"A better": "**+**", "B better": "**−**", "within noise": "≈"}[p["verdict"]]
+    word = {"A better": f"{a} better", "B better": f"{b} better", "within noise": "within noise"}[p["verdict"]]
+    return f"{number}{unit}, {word}"

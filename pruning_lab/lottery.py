@@ -693,3 +693,14 @@ def paired_by_level(summary: dict, a: str = "ticket", b: str = "dense", column: 
             continue
         out.append({"level": lv["level"], "weights_remaining": lv["weights_remaining"], **paired(xa, xb)})
     return out
+
+
+def levels_with(rows: list[dict], verdict: str) -> str:
+    """The weights left (``"41.1%, 16.9%"``) of ``paired_by_level`` rows with this verdict, or ``"no level"``."""
+    return ", ".join(f"{100 * r['weights_remaining']:.1f}%" for r in rows if r["verdict"] == verdict) or "no level"
+
+
+def difference_range(rows: list[dict], scale: float = 100.0, digits: int = 2) -> str:
+    """``"-0.05 to +0.79"``: the smallest and largest mean difference of ``paired_by_level`` rows."""
+    d = [scale * r["mean_difference"] for r in rows]
+    return f"{min(d):+.{digits}f} to {max(d):+.{digits}f}" if d else "–"

@@ -184,3 +184,15 @@ def test_paired_verdicts_by_hand():
     assert ev.paired([1, 2], [0, 0])["verdict"] == "within noise"  # fewer than 3 pairs never decide
     with pytest.raises(ValueError, match="equal length"):
         ev.paired([1, 2, 3], [1, 2])
+
+
+def test_mean_std_and_paired_text_by_hand():
+    from pruning_lab.eval import mean_std, paired, paired_text
+
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5)) and mean_std([5.0]) == (5.0, 0.0)
+    p = paired([0.80, 0.82, 0.84], [0.78, 0.79, 0.80])  # differences 0.02, 0.03, 0.04: mean 0.03, std 0.01
+    assert paired_text(p, "ticket", "dense") == "+3.00 ± 1.00 pts, ticket better"
+    assert paired_text(p, marks=True) == "+3.00 ± 1.00 **+**"
+    q = paired([1.0, 2.0], [1.5, 1.5])  # two pairs: never beyond noise
+    assert paired_text(q, "x", "y", scale=1, digits=1, unit="") == "+0.0 ± 0.7, within noise"
+    assert paired_text(paired([0.5], [0.4]), marks=True) == "+10.00 ≈"  # one pair: no spread to show

@@ -471,3 +471,13 @@ def test_paired_by_level_compares_seed_by_seed():
     (row,) = paired_by_level(m, "ticket", "random_reinit")
     assert row["mean_difference"] == pytest.approx(0.1) and row["verdict"] == "A better"
     assert paired_by_level(m, "one_shot", "dense") == []  # not measured: left out
+
+
+def test_levels_with_and_difference_range_by_hand():
+    from pruning_lab.lottery import difference_range, levels_with
+
+    rows = [{"weights_remaining": 0.641, "mean_difference": -0.0005, "verdict": "within noise"},
+            {"weights_remaining": 0.411, "mean_difference": 0.0065, "verdict": "A better"},
+            {"weights_remaining": 0.108, "mean_difference": 0.0079, "verdict": "A better"}]
+    assert levels_with(rows, "A better") == "41.1%, 10.8%" and levels_with(rows, "B better") == "no level"
+    assert difference_range(rows) == "-0.05 to +0.79" and difference_range([]) == "–"
