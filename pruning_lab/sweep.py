@@ -139,6 +139,9 @@ def run_one(notebook: str, params: str | None, combo: dict, out_dir: str, thread
     """One combination, in a worker process: a papermill run into ``out_dir``. Never raises."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)  # the kernel inherits the worker's environment
+    # Dask's nanny makes glibc give memory back eagerly in its workers (MALLOC_TRIM_THRESHOLD_=65536); the notebook's
+    # kernel would inherit it and pay for every tensor allocation (about 10% of a lottery smoke run here)
+    os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     def log(what: str) -> None:  # one line per event: shows how often a combination was started and finished
