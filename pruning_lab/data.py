@@ -321,18 +321,39 @@ def left_padded(tokenizer, texts: list[str]):
         tokenizer.padding_side = side
 
 
-def calibration_batch(tokenizer, text: str, n_samples: int, seq_len: int, seed: int = 0,
-                      max_chars: int | None = 2_000_000) -> torch.Tensor:
-    """``(n_samples, seq_len)`` token windows at seeded random offsets of the calibration text.
+def calibration_batch(tokenizer, text: str, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """``(n_samples, seq_len)`` token windows starting at seeded random places of the *whole* text.
 
-    Raises ``ValueError`` when the text is shorter than one window.
+    Each window starts at a uniformly drawn character offset (so every document of a concatenated
+    corpus is sampled in proportion to its length); the slice after it is tokenised, its first
+    token (possibly a word cut in half) dropped, and the next ``seq_len`` tokens kept. Only the
+    windows are tokenised, so a 10M-character corpus costs no more than a short one. Raises
+    ``ValueError`` when the text is shorter than one window.
     """
     if n_samples < 1 or seq_len < 1:
         raise ValueError(f"n_samples={n_samples} and seq_len={seq_len} must be positive.")
-    ids = tokenize(tokenizer, text[:max_chars] if max_chars else text)
-    if len(ids) < seq_len:
-        raise ValueError(f"The calibration text has {len(ids)} tokens, fewer than one sequence of "
-                         f"{seq_len}: give more text or a shorter seq_len.")
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(ids) - seq_len + 1, (n_samples,), generator=g)
-    return ids[starts[:, None] + torch.arange(seq_len)[None, :]]
+    span = 8 * (seq_len + 1)  # characters per window: far more than seq_len + 1 tokens of prose or code
+    if len(text) <= 4 * span:  # a short text: tokenise it all and draw token offsets
+        ids = tokenize(tokenizer, text)
+        if len(ids) < seq_len:
+            raise ValueError(f"The calibration text has {len(ids)} tokens, fewer than one sequence of "
+                             f"{seq_len}: give more text or a shorter seq_len.")
+        starts = torch.randint(0, len(ids) - seq_len + 1, (n_samples,), generator=g)
+        return ids[starts[:, None] + torch.arange(seq_len)[None, :]]
+    starts = torch.randint(0, len(text) - span + 1, (n_samples,), generator=g).tolist()
+    rows = [None] * n_samples
+    todo = list(range(n_samples))
+    while todo:  # a window of dense text always has enough tokens; sparse text gets a wider slice
+        pieces = [text[starts[k]:starts[k] + span] for k in todo]
+        enc = tokenizer(pieces, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        for k, e in zip(todo, enc):
+            if len(e) > seq_len:
+                rows[k] = e[1:seq_len + 1]
+        todo = [k for k in todo if rows[k] is None]
+        if todo and span >= len(text):
+            raise ValueError(f"The text has too few tokens for windows of {seq_len}: give more text "
+                             "or a shorter seq_len.")
+        span *= 2
+        starts = [min(s, max(len(text) - span, 0)) for s in starts]
+    return torch.tensor(rows, dtype=torch.long)

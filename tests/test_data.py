@@ -93,6 +93,8 @@ class CharTokenizer:
     """One token per character: enough to test windowing by hand."""
 
     def __call__(self, text, add_special_tokens=False, return_attention_mask=False):
+        if isinstance(text, list):
+            return {"input_ids": [[ord(ch) % 128 for ch in t] for t in text]}
         return {"input_ids": [ord(ch) % 128 for ch in text]}
 
 
@@ -107,6 +109,20 @@ def test_calibration_batch_windows_are_seeded_slices():
         assert any(torch.equal(ids[s:s + 16], row) for s in range(start % 26, len(ids) - 15, 26))
     with pytest.raises(ValueError, match="fewer than one sequence"):
         data.calibration_batch(CharTokenizer(), "short", n_samples=1, seq_len=16)
+
+
+def test_calibration_batch_samples_the_whole_corpus():
+    # 400 "documents" of 6,000 characters, each its own number repeated: a window says where it came from
+    docs = [f"{d:03d}|" * 1500 for d in range(400)]
+    text = "".join(docs)
+    batch = data.calibration_batch(CharTokenizer(), text, n_samples=200, seq_len=32, seed=1)
+    assert batch.shape == (200, 32)
+    assert torch.equal(batch, data.calibration_batch(CharTokenizer(), text, n_samples=200, seq_len=32, seed=1))
+    assert not torch.equal(batch, data.calibration_batch(CharTokenizer(), text, n_samples=200, seq_len=32, seed=2))
+    # every window is a contiguous slice of the text, found where its numbers say
+    firsts = torch.tensor([text.index("".join(chr(c) for c in row)) for row in batch.tolist()])
+    # windows start all over the 2.4M characters, not only in the first 2M (the old cut)
+    assert firsts.max() > 0.9 * len(text) and firsts.min() < 0.1 * len(text)
 
 
 def test_load_text_file_splits_without_overlap(tmp_path):
