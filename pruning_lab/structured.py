@@ -48,6 +48,7 @@ from .magnitude import Masks
 STRUCTURES = ("heads+mlp", "mlp", "heads")
 ALLOCATIONS = ("uniform", "adaptive")
 HEAD_MODES = ("query", "group")
+STANDARDIZE = ("units", "channels")
 STRUCTURE_FILE = "pruning_lab_structure.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -364,10 +365,39 @@ class Fluctuation:
                 "mlp": cal.mlp[i].var * m.down_proj.weight.detach().double().pow(2).sum(0)}
 
 
+@dataclass(frozen=True)
+class TorchPruningMagnitude:
+    """An independent magnitude-sp: Torch-Pruning's ``MagnitudeImportance`` (Fang et al., CVPR 2023)
+    over each MLP's dependency group (gate and up rows + down column), found by tracing the MLP.
+    ``p=1, group_reduction="sum"`` is Σ|w|, our ``MagnitudeSP``; Torch-Pruning's default is
+    ``p=2, "mean"``. Heads keep our magnitude score (Torch-Pruning does not trace GQA attention)."""
+
+    p: int = 2
+    group_reduction: str = "mean"
+    name: str = "torch-pruning magnitude"
+    needs_calibration: bool = False
+
+    def score(self, layer: nn.Module, i: int, cal: Calibration | None) -> dict[str, torch.Tensor]:
+        import torch_pruning as tp
+
+        mlp = layer.mlp
+        example = torch.zeros(1, 1, mlp.gate_proj.in_features, device=mlp.gate_proj.weight.device,
+                              dtype=mlp.gate_proj.weight.dtype)
+        graph = tp.DependencyGraph().build_dependency(mlp, example_inputs=example)
+        group = graph.get_pruning_group(mlp.gate_proj, tp.prune_linear_out_channels,
+                                        idxs=list(range(mlp.gate_proj.out_features)))
+        importance = tp.importance.MagnitudeImportance(p=self.p, group_reduction=self.group_reduction,
+                                                       normalizer=None)
+        with torch.no_grad():
+            out = MagnitudeSP().score(layer, i, cal)
+            out["mlp"] = importance(group).detach().double()
+        return out
+
+
 METRICS = {"magnitude": MagnitudeSP(), "wanda-sp": WandaSP(), "taylor": Taylor(), "flap": Fluctuation()}
 
 
-def get_metric(metric) -> MagnitudeSP | WandaSP | Taylor | Fluctuation:
+def get_metric(metric) -> MagnitudeSP | WandaSP | Taylor | Fluctuation | TorchPruningMagnitude:
     if hasattr(metric, "score"):
         return metric
     if metric not in METRICS:
@@ -445,7 +475,7 @@ def _check_ratio(ratio) -> None:
 
 def plan_structured(model: nn.Module, calibration: Calibration | None, ratio: float, metric="flap", *,
                     structure: str = "heads+mlp", allocation: str = "adaptive", head_mode: str = "query",
-                    min_keep: float = 0.05) -> StructuredPlan:
+                    standardize: str = "units", min_keep: float = 0.05) -> StructuredPlan:
     """Choose the heads and MLP channels to remove so that ``ratio`` of the model's parameters go.
 
     ``allocation="uniform"``: every layer loses the same share (head units rounded, the rest of the
@@ -453,6 +483,14 @@ def plan_structured(model: nn.Module, calibration: Calibration | None, ratio: fl
     each layer and module (z = (s − mean) / std), pooled over all layers, and the least important
     units are removed, cheapest-score first, until the parameter budget is spent. ``min_keep`` is
     the fraction of every layer's head units and channels that always stays (at least one).
+
+    ``standardize`` (adaptive only) sets the population a head unit's z-score is taken over:
+    ``"units"`` — the layer's removable head units (with GQA and ``head_mode="query"`` only 3,
+    so the weakest unit's z lies in [-1.15, -0.58] whatever its real importance); ``"channels"`` —
+    FLAP's released code: the attention score of every ``o_proj`` input channel is squared,
+    standardised over the layer's channels, and a head's z is the mean over its ``head_dim``
+    channels (a unit's z: the mean over its heads). MLP channels are standardised over the layer's
+    channels either way.
     """
     _check_ratio(ratio)
     if structure not in STRUCTURES:
@@ -461,6 +499,8 @@ def plan_structured(model: nn.Module, calibration: Calibration | None, ratio: fl
         raise ValueError(f"Unknown allocation {allocation!r}: choose one of {ALLOCATIONS}.")
     if head_mode not in HEAD_MODES:
         raise ValueError(f"Unknown head_mode {head_mode!r}: choose one of {HEAD_MODES}.")
+    if standardize not in STANDARDIZE:
+        raise ValueError(f"Unknown standardize {standardize!r}: choose one of {STANDARDIZE}.")
     if not 0.0 <= min_keep < 1.0:
         raise ValueError(f"min_keep={min_keep!r} must be a fraction in [0, 1).")
     metric = get_metric(metric)
@@ -481,7 +521,14 @@ def plan_structured(model: nn.Module, calibration: Calibration | None, ratio: fl
             sc = metric.score(layer, i, calibration)
             head_scores = sc["attn"].cpu().view(s.heads, s.head_dim).sum(1)
             kv_scores = sc["kv"].cpu().view(s.kv_heads, s.head_dim).sum(1)
-            hs, qsets, kvsets = _head_units(s, head_scores, kv_scores, head_mode)
+            if allocation == "adaptive" and standardize == "channels":
+                ch = sc["attn"].cpu().pow(2)
+                z_ch = (ch - ch.mean()) / (ch.std() if ch.std() > 0 else 1.0)
+                head_z = z_ch.view(s.heads, s.head_dim).mean(1)
+                hs, qsets, kvsets = _head_units(s, head_z, torch.zeros_like(kv_scores), head_mode)
+                hs = hs / len(qsets[0])  # a unit's z: the mean of its heads' z
+            else:
+                hs, qsets, kvsets = _head_units(s, head_scores, kv_scores, head_mode)
             ms = sc["mlp"].cpu()
             morder = ms.argsort(stable=True)
             units.append({"shape": s, "head": (hs, qsets, kvsets, _head_unit_cost(layer, s, head_mode)),
@@ -530,6 +577,8 @@ def plan_structured(model: nn.Module, calibration: Calibration | None, ratio: fl
                     continue
                 std = scores.std() if n > 1 else torch.tensor(1.0, dtype=scores.dtype)
                 zz = (scores - scores.mean()) / (std if std > 0 else 1.0)
+                if kind == "head" and standardize == "channels":
+                    zz = scores  # already z-scores of the layer's attention channels
                 removable = n - floor(n)   # the most important `floor` units are protected
                 z.append(zz[:removable])
                 cost.append(torch.full((removable,), float(c), dtype=torch.float64))
@@ -558,7 +607,8 @@ def plan_structured(model: nn.Module, calibration: Calibration | None, ratio: fl
         kept_c = u["mlp"][1][remove_c[i]:].sort().values
         plans.append(LayerPlan(kept_q, kept_kv, kept_c))
     return StructuredPlan(plans, info={"metric": metric.name, "ratio": ratio, "structure": structure,
-                                       "allocation": allocation, "head_mode": head_mode, "min_keep": min_keep})
+                                       "allocation": allocation, "head_mode": head_mode,
+                                       "standardize": standardize, "min_keep": min_keep})
 
 
 def plan_layer_removal(model: nn.Module, calibration: Calibration, ratio: float | None = None, *,
@@ -647,6 +697,76 @@ def plan_masks(model: nn.Module, plan: StructuredPlan) -> Masks:
             if lin.bias is not None and axis == 0:
                 masks[f"{names[id(lin)]}.bias"] = keep.to(dev).clone()
     return masks
+
+
+# --------------------------------------------------------------------------- looking at what a plan removes
+
+
+@contextmanager
+def masked(model: nn.Module, masks: Masks) -> Iterator[nn.Module]:
+    """Zero the masked weights of ``model`` in place for the ``with`` block, restoring them in
+    ``finally`` (only the masked tensors are copied): a plan's effect without a pruned copy."""
+    from .magnitude import _check_masks
+
+    params = _check_masks(model, masks)
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    try:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.mul_(masks[n].to(p.device, p.dtype))
+        yield model
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
+
+
+def removed_activation_share(model: nn.Module, plan: StructuredPlan, calibration: Calibration) -> list[dict]:
+    """Per layer, the share of the calibration activations' energy (Σ_j ‖X_j‖², over tokens) that
+    flows through the channels the plan removes: ``mlp`` (inputs of ``down_proj``) and ``attn``
+    (inputs of ``o_proj``), beside the share of channels removed. A metric that removes 17% of the
+    channels but 50% of the energy removes what the layer uses most."""
+    layers = _check_plan(model, plan)
+    out = []
+    for i, (layer, p) in enumerate(zip(layers, plan.layers)):
+        s = layer_shape(layer)
+        row = {"layer": i}
+        for kind, stats, kept, n in (("mlp", calibration.mlp[i], p.channels, s.channels),
+                                     ("attn", calibration.attn[i], _head_channels(p.heads, s.head_dim),
+                                      s.heads * s.head_dim)):
+            energy = stats.sumsq.cpu()
+            gone = torch.ones(n, dtype=torch.bool)
+            gone[kept] = False
+            row[f"{kind}_channels_removed"] = float(gone.double().mean())
+            row[f"{kind}_energy_removed"] = float(energy[gone].sum() / energy.sum()) if energy.sum() > 0 else 0.0
+        # the channel with the largest activations, and the one holding down_proj's largest weight
+        # (a "super weight", Yu et al. 2024): does the plan remove them?
+        top = int(calibration.mlp[i].sumsq.argmax())
+        sw = int(layer.mlp.down_proj.weight.detach().abs().max(0).values.argmax())
+        gone = torch.ones(s.channels, dtype=torch.bool)
+        gone[p.channels] = False
+        row.update(top_activation_channel=top, top_activation_removed=bool(gone[top]),
+                   super_weight_channel=sw, super_weight_removed=bool(gone[sw]))
+        out.append(row)
+    return out
+
+
+def one_layer_at_a_time(model: nn.Module, plan: StructuredPlan, ids: torch.Tensor, *, seq_len: int = 128,
+                        batch_size: int = 8, progress: bool = False) -> list[float]:
+    """Held-out perplexity when only layer ``i`` follows ``plan`` (its removed heads and channels
+    zeroed, every other layer dense), for each layer ``i``: which layers' removals do the damage.
+    The model is restored after each layer."""
+    from .eval import perplexity
+
+    layers = _check_plan(model, plan)
+    full = full_plan(model)
+    out = []
+    for i in tqdm(range(len(layers)), desc="one layer at a time", disable=not progress, leave=False):
+        one = StructuredPlan([plan.layers[j] if j == i else full.layers[j] for j in range(len(layers))])
+        masks = {n: m for n, m in plan_masks(model, one).items() if not bool(m.all())}  # layer i's only
+        with masked(model, masks):
+            out.append(perplexity(model, ids, seq_len=seq_len, batch_size=batch_size))
+    return out
 
 
 # --------------------------------------------------------------------------- physical shrinking
@@ -873,7 +993,7 @@ def lora_recover(model: nn.Module, ids: torch.Tensor, *, steps: int = 20, lr: fl
 
 def structured_prune(model: nn.Module, ratio: float, metric="flap", *, calibration: Calibration | None = None,
                      structure: str = "heads+mlp", allocation: str = "adaptive", head_mode: str = "query",
-                     bias_compensation: bool | None = None, min_keep: float = 0.05,
+                     standardize: str = "units", bias_compensation: bool | None = None, min_keep: float = 0.05,
                      inplace: bool = False) -> tuple[nn.Module, StructuredPlan]:
     """Plan and prune in one call; returns ``(pruned_model, plan)``. ``structure="layers"`` removes
     whole layers by block influence. ``bias_compensation`` defaults to on for FLAP, off otherwise.
@@ -885,7 +1005,7 @@ def structured_prune(model: nn.Module, ratio: float, metric="flap", *, calibrati
     if bias_compensation is None:
         bias_compensation = metric.name == "flap"
     plan = plan_structured(model, calibration, ratio, metric, structure=structure, allocation=allocation,
-                           head_mode=head_mode, min_keep=min_keep)
+                           head_mode=head_mode, standardize=standardize, min_keep=min_keep)
     plan.info["bias_compensation"] = bias_compensation
     return prune_model(model, plan, calibration=calibration, bias_compensation=bias_compensation,
                        inplace=inplace), plan

@@ -94,6 +94,76 @@ def test_hand_layer_plan_removes_the_least_fluctuating_channel_and_head():
     assert heads.layers[0].heads.tolist() == [1]  # head 0 scores 0 + 8, head 1 scores 18 + 0
 
 
+def test_adaptive_standardisation_over_units_or_over_channels_by_hand():
+    model, _, cal = _hand_layer()
+    # FLAP scores: heads (channels 0-1 | 2-3) [0, 8 | 18, 0]; MLP channels [2, 0, 72]. One unit of each
+    # module stays (the most important), so head 0 and MLP channels 1, 0 can go; the budget is one MLP
+    # channel (12 parameters; a query head costs 16), and the lowest z goes first.
+    # MLP z over 3 channels: [-0.553, -0.602, 1.154].
+    # "units": z of the 2 head sums [8, 18] = [-0.707, 0.707] -> head 0 is the least important unit.
+    # "channels" (FLAP's code): squared channel scores [0, 64, 324, 0], z = [-0.629, -0.214, 1.471, -0.629],
+    # head 0's z is their mean over its channels, -0.421 -> MLP channel 1 (z -0.602) goes first.
+    ratio = 12 / count_parameters(model)
+    units = st.plan_structured(model, cal, ratio, "flap", allocation="adaptive", standardize="units", min_keep=0.0)
+    assert units.layers[0].heads.tolist() == [1] and units.layers[0].channels.tolist() == [0, 1, 2]
+    chans = st.plan_structured(model, cal, ratio, "flap", allocation="adaptive", standardize="channels",
+                               min_keep=0.0)
+    assert chans.layers[0].heads.tolist() == [0, 1] and chans.layers[0].channels.tolist() == [0, 2]
+    assert chans.info["standardize"] == "channels"
+    # with a budget of two units the channel z of head 0 (-0.421) still ranks above channel 0 (-0.553)
+    two = st.plan_structured(model, cal, 24 / count_parameters(model), "flap", allocation="adaptive",
+                             standardize="channels", min_keep=0.0)
+    assert two.layers[0].heads.tolist() == [0, 1] and two.layers[0].channels.tolist() == [2]
+    with pytest.raises(ValueError, match="standardize"):
+        st.plan_structured(model, cal, ratio, "flap", standardize="heads")
+
+
+def test_torch_pruning_magnitude_is_a_peer_of_ours_by_hand():
+    _, layer, cal = _hand_layer()
+    # Torch-Pruning traces gate/up rows + down column as one group. p=1, sum: our Σ|w| = [4, 5, 7];
+    # its default p=2, mean over the 3 layers: ([1, 4, 1] + [2, 0, 9] + [1, 5, 9]) / 3
+    peer = st.TorchPruningMagnitude(p=1, group_reduction="sum").score(layer, 0, cal)
+    assert torch.allclose(peer["mlp"], torch.tensor([4., 5, 7], dtype=torch.float64))
+    assert torch.allclose(peer["mlp"], st.MagnitudeSP().score(layer, 0, cal)["mlp"])
+    default = st.TorchPruningMagnitude().score(layer, 0, cal)
+    assert torch.allclose(default["mlp"], torch.tensor([4., 9, 19], dtype=torch.float64) / 3)
+
+
+def test_removed_activation_share_by_hand():
+    model, _, cal = _hand_layer()
+    plan = st.full_plan(model)
+    plan.layers[0] = st.LayerPlan(torch.tensor([1]), torch.tensor([0]), torch.tensor([0, 1]))
+    (row,) = st.removed_activation_share(model, plan, cal)
+    # MLP Σx² per channel [10, 0, 8]: channel 2 removed -> 8/18 of the energy, 1/3 of the channels;
+    # attention Σx² per channel [2, 2, 10, 2]: head 0 (channels 0, 1) removed -> 4/16
+    assert row["mlp_channels_removed"] == pytest.approx(1 / 3) and row["mlp_energy_removed"] == pytest.approx(8 / 18)
+    assert row["attn_channels_removed"] == pytest.approx(0.5) and row["attn_energy_removed"] == pytest.approx(0.25)
+    # largest activations: channel 0 (Σx² = 10, kept); largest |down_proj| weight: 3 in column 2 (removed)
+    assert (row["top_activation_channel"], row["top_activation_removed"]) == (0, False)
+    assert (row["super_weight_channel"], row["super_weight_removed"]) == (2, True)
+
+
+def test_one_layer_at_a_time_equals_masking_a_copy_and_restores(tiny):
+    model, cal = tiny
+    plan = st.plan_structured(model, cal, 0.3, "magnitude", allocation="uniform")
+    before = _state(model)
+    ids = _ids(4, 16, seed=5).flatten()
+    got = st.one_layer_at_a_time(model, plan, ids, seq_len=16, batch_size=2)
+    assert _same_state(model, before)
+    from pruning_lab.eval import perplexity
+    for i in range(len(plan.layers)):
+        one = st.full_plan(model)
+        one.layers[i] = plan.layers[i]
+        copy_ = apply_masks(copy.deepcopy(model), st.plan_masks(model, one))
+        assert got[i] == pytest.approx(perplexity(copy_, ids, seq_len=16, batch_size=2), rel=1e-5)
+    # the weights come back even when the block fails
+    with pytest.raises(RuntimeError, match="boom"):
+        with st.masked(model, st.plan_masks(model, plan)):
+            assert not _same_state(model, before)
+            raise RuntimeError("boom")
+    assert _same_state(model, before)
+
+
 def test_taylor_equals_first_order_of_the_full_batch_loss(tiny):
     model, cal = tiny
     ids = _ids()
