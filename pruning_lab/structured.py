@@ -383,7 +383,8 @@ class TorchPruningMagnitude:
         mlp = layer.mlp
         example = torch.zeros(1, 1, mlp.gate_proj.in_features, device=mlp.gate_proj.weight.device,
                               dtype=mlp.gate_proj.weight.dtype)
-        graph = tp.DependencyGraph().build_dependency(mlp, example_inputs=example)
+        with torch.enable_grad():  # Torch-Pruning traces the graph through autograd
+            graph = tp.DependencyGraph().build_dependency(mlp, example_inputs=example)
         group = graph.get_pruning_group(mlp.gate_proj, tp.prune_linear_out_channels,
                                         idxs=list(range(mlp.gate_proj.out_features)))
         importance = tp.importance.MagnitudeImportance(p=self.p, group_reduction=self.group_reduction,
@@ -725,7 +726,8 @@ def removed_activation_share(model: nn.Module, plan: StructuredPlan, calibration
     """Per layer, the share of the calibration activations' energy (Σ_j ‖X_j‖², over tokens) that
     flows through the channels the plan removes: ``mlp`` (inputs of ``down_proj``) and ``attn``
     (inputs of ``o_proj``), beside the share of channels removed. A metric that removes 17% of the
-    channels but 50% of the energy removes what the layer uses most."""
+    channels but 50% of the energy removes what the layer uses most. Also per layer: the channel with
+    the largest activation norm, its norm over the median channel's, and whether the plan removes it."""
     layers = _check_plan(model, plan)
     out = []
     for i, (layer, p) in enumerate(zip(layers, plan.layers)):
@@ -739,14 +741,15 @@ def removed_activation_share(model: nn.Module, plan: StructuredPlan, calibration
             gone[kept] = False
             row[f"{kind}_channels_removed"] = float(gone.double().mean())
             row[f"{kind}_energy_removed"] = float(energy[gone].sum() / energy.sum()) if energy.sum() > 0 else 0.0
-        # the channel with the largest activations, and the one holding down_proj's largest weight
-        # (a "super weight", Yu et al. 2024): does the plan remove them?
-        top = int(calibration.mlp[i].sumsq.argmax())
-        sw = int(layer.mlp.down_proj.weight.detach().abs().max(0).values.argmax())
+        # the channel with the largest activations and how far it stands out (a "massive activation",
+        # Sun et al. 2024, which a "super weight" of down_proj writes into the residual stream, Yu et al.
+        # 2024, shows up as a norm hundreds of times the median): does the plan remove it?
+        norm = calibration.mlp[i].norm.cpu()
+        top = int(norm.argmax())
         gone = torch.ones(s.channels, dtype=torch.bool)
         gone[p.channels] = False
-        row.update(top_activation_channel=top, top_activation_removed=bool(gone[top]),
-                   super_weight_channel=sw, super_weight_removed=bool(gone[sw]))
+        row.update(top_activation_channel=top, top_activation_ratio=float(norm[top] / norm.median().clamp_min(1e-30)),
+                   top_activation_removed=bool(gone[top]))
         out.append(row)
     return out
 
