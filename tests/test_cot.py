@@ -220,3 +220,24 @@ def test_notebook_smoke_run(smoke_runs):
     par = results["parallel"]
     assert 0 < par["pruned"]["tokens"] <= par["plain"]["tokens"] and par["plain"]["tokens"] <= 3 * 16
     assert (nb_path.parent / "results" / "figures" / "05_cot_pruning" / "answer_logprob_retained.png").is_file()
+
+
+def test_readme_quotes_the_committed_chapter_5_run():
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = json.loads((root / "results" / "05_cot_pruning.json").read_text())
+    readme = " ".join((root / "README.md").read_text().split())
+    ag, rnd = r["synthetic"]["answer_gain"], r["synthetic"]["random"]
+    assert f"precision and recall {ag['precision']:.2f}; random {rnd['precision']:.2f}/{rnd['recall']:.2f}" in readme
+    assert ag["precision"] == ag["recall"] and r["synthetic"]["first_token_surprisal"]["recall"] < rnd["recall"]
+    ft = r["finetune"]
+    assert f"a {ft['steps']}-step LoRA" in readme
+    assert f"from {ft['before']['mean_cot_tokens']:.0f} to {ft['after']['mean_cot_tokens']:.0f} tokens" in readme
+    assert f"(accuracy {ft['before']['accuracy']:.0%} → {ft['after']['accuracy']:.0%}, within noise)" in readme
+    assert ft["accuracy_paired"]["verdict"] == "within noise"
+    par = r["parallel"]
+    assert f"spent {1 - par['pruned']['tokens'] / par['plain']['tokens']:.0%} fewer tokens" in readme
+    assert f"the {par['problems']} problems right" in readme
+    assert f"right {round(r['own']['accuracy'] * r['own']['n'])} of {r['own']['n']} times" in readme

@@ -317,3 +317,21 @@ def test_notebook_smoke_run(smoke_runs):
     assert sum(rec["gap_histogram"]) == rec["returns"] and 0 <= rec["fraction_recurring"] <= 1
     assert results["retrieval_heads"]["total_heads"] == 270  # 30 layers x 9 query heads
     assert (nb_path.parent / "results" / "figures" / "04_kv_eviction" / "eviction_maps.png").is_file()
+
+
+def test_readme_quotes_the_committed_chapter_4_run():
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = json.loads((root / "results" / "04_kv_eviction.json").read_text())
+    readme = " ".join((root / "README.md").read_text().split())
+    n = len(r["oracle"]["correct"])
+    assert r["full"]["retrieval_accuracy"] == 1.0 and f"the full cache answers {n}/{n} items" in readme
+    assert r["oracle"]["accuracy"] == 1.0 and f"answers {n}/{n} with {r['oracle']['budget']:.0%} of the cache" in readme
+    best = {b: max(x["retrieval_accuracy"] for x in r["runs"] if x["budget"] == b and x["retrieval_accuracy"] is not None)
+            for b in (0.15, 0.5)}
+    assert f"answer at most {best[0.15]:.0%} at 15%" in readme and f"at 50% the best reach {best[0.5]:.0%}" in readme
+    assert f"{r['recurrence']['fraction_recurring']:.0%} of the tokens that were once among" in readme
+    assert f"{r['retrieval_heads']['heads_over_half']} of {r['retrieval_heads']['total_heads']} query heads" in readme
+    assert f"~{r['params']['context_tokens']}-token passages" in readme

@@ -501,3 +501,19 @@ def test_committed_run_matches_its_rendered_conclusion():
     assert f"uniform beyond noise at {better} and" in " ".join(text.split())
     assert f"{dg['perplexity_torch_pruning_default']:,.0f}" in text and f"{dg['perplexity_ours']:,.0f}" in text
     assert f"{r['lora']['dense_lora_perplexity']:.1f}" in text and f"{r['dense']['perplexity']:.2f}" in text
+
+
+def test_readme_quotes_the_committed_chapter_3_run():
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = json.loads((root / "results" / "03_structured_llm.json").read_text())
+    readme = " ".join((root / "README.md").read_text().split())
+    flap20 = next(x["perplexity"] for x in r["runs"] if (x["method"], x["allocation"], x["ratio"], x["lora"],
+                                                          x["bias_compensation"]) == ("flap", "adaptive", 0.2, False, True))
+    assert f"gives perplexity {flap20:.1f} against dense {r['dense']['perplexity']:.1f}" in readme
+    at20 = next(x for x in r["flap_standardize"]["paired"]["adaptive-channels vs uniform"] if x["ratio"] == 0.2)
+    assert at20["verdict"] == "A better" and f"(×{at20['ppl_ratio']:.2f} in perplexity)" in readme
+    at30 = next(x for x in r["flap_standardize"]["paired"]["adaptive-channels vs uniform"] if x["ratio"] == 0.3)
+    assert at30["verdict"] == "B better" and "and loses at 30%" in readme
