@@ -135,13 +135,31 @@ def result_path(sw: Sweep, combo: dict) -> Path:
     return sw.root / run_id(combo) / "results" / f"{sw.notebook.stem}.json"
 
 
+_KERNEL_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")
+
+
 def run_one(notebook: str, params: str | None, combo: dict, out_dir: str, threads: int = 1) -> dict:
-    """One combination, in a worker process: a papermill run into ``out_dir``. Never raises."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(threads)  # the kernel inherits the worker's environment
+    """One combination, in a worker process: a papermill run into ``out_dir``. Never raises.
+
+    The notebook's kernel inherits this process's environment, so it is set for the run and put back
+    afterwards (a caller in the same process, e.g. a test, keeps its own threads)."""
+    saved = {var: os.environ.get(var) for var in _KERNEL_ENV}
+    for var in _KERNEL_ENV[:3]:
+        os.environ[var] = str(threads)
     # Dask's nanny makes glibc give memory back eagerly in its workers (MALLOC_TRIM_THRESHOLD_=65536); the notebook's
     # kernel would inherit it and pay for every tensor allocation (about 10% of a lottery smoke run here)
     os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    try:
+        return _run_one(notebook, params, combo, out_dir)
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+
+
+def _run_one(notebook: str, params: str | None, combo: dict, out_dir: str) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     def log(what: str) -> None:  # one line per event: shows how often a combination was started and finished
@@ -203,8 +221,10 @@ def make_client(engine: str = "local", scheduler: str | None = None, cluster: st
     import dask
 
     # Dask's statistical profiler samples the running task's stack every 10 ms, in the process that runs the
-    # notebook: of no use for a sweep of papermill runs, and measurable on 2 cores
-    with dask.config.set({"distributed.worker.profile.enabled": False}):
+    # notebook: of no use for a sweep of papermill runs, and measurable on 2 cores. And Dask's nanny writes its
+    # pre-spawn environment (OMP_NUM_THREADS=1, MALLOC_TRIM_THRESHOLD_, ...) into *this* process's os.environ,
+    # where every kernel started later (a notebook, nbval) would inherit it; run_one sets the threads per run.
+    with dask.config.set({"distributed.worker.profile.enabled": False, "distributed.nanny.pre-spawn-environ": {}}):
         cl = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
     return Client(cl), cl
 

@@ -39,8 +39,11 @@ def spec(nb, **kw):
 
 @pytest.fixture(scope="module")
 def local_client():
+    before = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")}
     client, cluster = sweep.make_client("local", n_workers=2)
     try:
+        # Dask's nanny would write its worker environment into this process, where later kernels inherit it
+        assert {k: os.environ.get(k) for k in before} == before
         yield client
     finally:
         client.close()
