@@ -576,10 +576,11 @@ def plan_structured(model: nn.Module, calibration: Calibration | None, ratio: fl
                                        ("mlp", u["mlp"][0], u["mlp"][2], len(u["mlp"][1]))):
                 if (kind == "head" and not use_heads) or (kind == "mlp" and not use_mlp):
                     continue
-                std = scores.std() if n > 1 else torch.tensor(1.0, dtype=scores.dtype)
-                zz = (scores - scores.mean()) / (std if std > 0 else 1.0)
                 if kind == "head" and standardize == "channels":
                     zz = scores  # already z-scores of the layer's attention channels
+                else:
+                    std = scores.std() if n > 1 else torch.tensor(1.0, dtype=scores.dtype)
+                    zz = (scores - scores.mean()) / (std if std > 0 else 1.0)
                 removable = n - floor(n)   # the most important `floor` units are protected
                 z.append(zz[:removable])
                 cost.append(torch.full((removable,), float(c), dtype=torch.float64))
@@ -732,24 +733,22 @@ def removed_activation_share(model: nn.Module, plan: StructuredPlan, calibration
     out = []
     for i, (layer, p) in enumerate(zip(layers, plan.layers)):
         s = layer_shape(layer)
-        row = {"layer": i}
+        row, gone = {"layer": i}, {}
         for kind, stats, kept, n in (("mlp", calibration.mlp[i], p.channels, s.channels),
                                      ("attn", calibration.attn[i], _head_channels(p.heads, s.head_dim),
                                       s.heads * s.head_dim)):
             energy = stats.sumsq.cpu()
-            gone = torch.ones(n, dtype=torch.bool)
-            gone[kept] = False
-            row[f"{kind}_channels_removed"] = float(gone.double().mean())
-            row[f"{kind}_energy_removed"] = float(energy[gone].sum() / energy.sum()) if energy.sum() > 0 else 0.0
+            gone[kind] = torch.ones(n, dtype=torch.bool)
+            gone[kind][kept] = False
+            row[f"{kind}_channels_removed"] = float(gone[kind].double().mean())
+            row[f"{kind}_energy_removed"] = float(energy[gone[kind]].sum() / energy.sum()) if energy.sum() > 0 else 0.0
         # the channel with the largest activations and how far it stands out (a "massive activation",
         # Sun et al. 2024, which a "super weight" of down_proj writes into the residual stream, Yu et al.
         # 2024, shows up as a norm hundreds of times the median): does the plan remove it?
         norm = calibration.mlp[i].norm.cpu()
         top = int(norm.argmax())
-        gone = torch.ones(s.channels, dtype=torch.bool)
-        gone[p.channels] = False
         row.update(top_activation_channel=top, top_activation_ratio=float(norm[top] / norm.median().clamp_min(1e-30)),
-                   top_activation_removed=bool(gone[top]))
+                   top_activation_removed=bool(gone["mlp"][top]))
         out.append(row)
     return out
 

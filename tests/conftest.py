@@ -27,4 +27,3 @@ def smoke_runs(tmp_path_factory):
         return done[stem]
 
     return run
-
