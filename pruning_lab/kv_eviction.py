@@ -578,7 +578,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, *, policy="full", budget
         ends = list(range(ids.shape[1], 0, -chunk))[::-1]
         for s, e in zip([0] + ends[:-1], ends):
             out = model(input_ids=ids[:, s:e], attention_mask=mask[:, :e], position_ids=pos_all[:, s:e],
-                        past_key_values=cache, use_cache=True)
+                        past_key_values=cache, use_cache=True, logits_to_keep=1)  # only the last position's logits
             peak = max(peak, _kv_bytes(cache))
         t1 = time.perf_counter()
         last_pos = pos_all[:, -1:]
