@@ -255,6 +255,17 @@ def encode(tokenizer, trace: Trace, how: str = "paragraph") -> Encoded:
     return Encoded(trace, enc.input_ids[0], steps, char_steps, answer, steps[0][0])
 
 
+def _body_and_head(model: nn.Module):
+    """(decoder body, output layer) of a Llama-style causal LM whose logits are exactly ``lm_head(hidden)``,
+    so the output layer can be applied to chosen positions only; (None, None) for any other model."""
+    base, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    if (base is not None and hasattr(base, "layers") and isinstance(head, nn.Linear)
+            and getattr(model.config, "final_logit_softcapping", None) is None
+            and getattr(model.config, "logit_scale", None) is None):
+        return base, head
+    return None, None
+
+
 @torch.inference_mode()
 def token_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """log p(token t | tokens < t) for t ≥ 1 of one sequence, from one forward: (T,), entry 0 is 0."""
@@ -268,10 +279,8 @@ def token_logprobs_batch(model: nn.Module, seqs: list[torch.Tensor], batch_size:
     Llama-style ``model.model`` + ``lm_head``; other models: all positions), and
     log p = logit − logsumexp(logits) without materialising the full log-softmax."""
     device = next(model.parameters()).device
-    base, head = getattr(model, "model", None), getattr(model, "lm_head", None)
-    split = (base is not None and isinstance(head, nn.Linear)
-             and getattr(model.config, "final_logit_softcapping", None) is None
-             and getattr(model.config, "logit_scale", None) is None)
+    base, head = _body_and_head(model)
+    split = base is not None
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     out: list[torch.Tensor | None] = [None] * len(seqs)
     for i in range(0, len(order), batch_size):
@@ -373,6 +382,7 @@ def keep_ids(enc: Encoded, keep: list[int]) -> tuple[torch.Tensor, int, int]:
 def answer_logprob_batch(model: nn.Module, variants: list[tuple], batch_size: int = 16) -> list[float]:
     """log p(answer tokens) for many (ids, answer_start, answer_len) variants, right-padded in batches."""
     device = next(model.parameters()).device
+    base, head = _body_and_head(model)
     out = []
     for i in range(0, len(variants), batch_size):
         chunk = variants[i:i + batch_size]
@@ -381,10 +391,17 @@ def answer_logprob_batch(model: nn.Module, variants: list[tuple], batch_size: in
         mask = torch.zeros(len(chunk), n, dtype=torch.long)
         for r, (v, _, _) in enumerate(chunk):
             ids[r, :len(v)], mask[r, :len(v)] = v, 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
-        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(device))[..., 0].cpu()
-        for r, (_, a, k) in enumerate(chunk):
-            out.append(float(lp[r, a - 1:a - 1 + k].sum()))
+        # the answer's tokens only: position a-1+j predicts answer token j (rows and columns of the batch)
+        rows = torch.cat([torch.full((k,), r) for r, (_, _, k) in enumerate(chunk)])
+        cols = torch.cat([torch.arange(a - 1, a - 1 + k) for _, a, k in chunk])
+        ids, mask = ids.to(device), mask.to(device)
+        if base is not None:  # the output layer on those positions, not on the whole batch × vocabulary
+            logits = head(base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[rows, cols])
+        else:
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[rows, cols]
+        logits = logits.float()
+        lp = logits.gather(-1, ids[rows, cols + 1][:, None])[:, 0] - torch.logsumexp(logits, -1)
+        out += torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, rows, lp.double().cpu()).tolist()
     return out
 
 

@@ -119,6 +119,29 @@ def test_batched_logprobs_equal_full_log_softmax_in_input_order(model, tok):
         assert torch.allclose(lp[1:], full, atol=1e-4)
 
 
+def test_answer_logprobs_score_only_the_answer_positions_and_equal_the_full_log_softmax(model, tok):
+    # answers of 3, 1 and 2 tokens at different places, batches of 2 and 3; the second model hides
+    # model.model / lm_head, so the path that takes the logits of every position is checked too
+    g = torch.Generator().manual_seed(1)
+    variants = [(torch.randint(5, len(tok), (n,), generator=g), a, k) for n, a, k in ((20, 15, 3), (9, 8, 1), (31, 10, 2))]
+
+    class Whole(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, **kw):
+            return self.m(**kw)
+
+    got = cot.answer_logprob_batch(model, variants, batch_size=2)
+    whole = cot.answer_logprob_batch(Whole(model), variants, batch_size=3)
+    for (x, a, k), g1, g2 in zip(variants, got, whole):
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=x[None]).logits[0].float(), -1)
+        want = float(lp[a - 1:a - 1 + k].gather(-1, x[a:a + k, None]).sum())
+        assert g1 == pytest.approx(want, abs=1e-4) and g2 == pytest.approx(want, abs=1e-4)
+
+
 def test_answer_gain_equals_separate_forwards(model, tok, trace):
     enc = cot.encode(tok, trace)
     logp = cot.token_logprobs(model, enc.ids)
