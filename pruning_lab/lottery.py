@@ -560,11 +560,37 @@ class LotteryRun:
 # --------------------------------------------------------------------------- many seeds
 
 
+def _train_seed(hp: LotteryHparams, seed: int, levels: int, baselines: tuple, root, kwargs: dict) -> None:
+    """One seed's IMP run in a worker process of ``run_seeds`` (one thread, like the notebook's default)."""
+    torch.set_num_threads(1)
+    LotteryRun(hp.with_(seed=seed), root, **kwargs).run(levels, baselines)
+
+
 def run_seeds(hp: LotteryHparams, seeds: Iterable[int], levels: int, baselines: Iterable[str] = BASELINES,
-              root: str | Path | None = None, **kwargs) -> list[LotteryRun]:
-    """One ``LotteryRun`` per seed (each in its own hash folder), run to ``levels``."""
+              root: str | Path | None = None, workers: int = 1, **kwargs) -> list[LotteryRun]:
+    """One ``LotteryRun`` per seed (each in its own hash folder), run to ``levels``.
+
+    ``workers`` > 1 trains that many seeds at once, each in its own process with one thread. A seed's run
+    depends only on its hyperparameters and seed, and is written to its own folder, so the numbers are those
+    of training the seeds one after another; the runs are then read back from their folders (finished
+    levels are never retrained).
+    """
+    seeds = list(seeds)
+    if workers < 1:
+        raise ValueError(f"workers={workers}: give 1 (seeds one after another) or more processes.")
+    baselines = tuple(baselines)
+    if workers > 1 and len(seeds) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        quiet = dict(kwargs, progress=False)
+        with ProcessPoolExecutor(min(workers, len(seeds)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            jobs = [pool.submit(_train_seed, hp, s, levels, baselines, root, quiet) for s in seeds]
+            for job in tqdm(jobs, desc=f"seeds ({workers} processes)", disable=not kwargs.get("progress", True),
+                            leave=False):
+                job.result()
     runs = []
-    for s in tqdm(list(seeds), desc="seeds", disable=not kwargs.get("progress", True), leave=False):
+    for s in tqdm(seeds, desc="seeds", disable=not kwargs.get("progress", True) or workers > 1, leave=False):
         run = LotteryRun(hp.with_(seed=s), root, **kwargs)
         run.run(levels, baselines)
         runs.append(run)

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from pruning_lab import lottery
 from pruning_lab.data import load_image_data
 from pruning_lab.lottery import (DataHparams, LotteryHparams, LotteryRun, ModelHparams, PruningHparams,
                                  TrainHparams, chord_barrier, error_barrier, imp_step, interpolate, one_shot_masks, reset_to,
@@ -242,6 +243,18 @@ def test_kill_and_resume_is_bit_identical(tmp_path, data):
     more = run(tmp_path, data, name="straight").run(4, baselines=())
     assert (straight.level_dir(3) / "metrics.json").stat().st_mtime_ns == t0
     assert strip_times(more[3]["ticket"]) == strip_times(ref[3]["ticket"])
+
+
+def test_seeds_trained_in_worker_processes_give_the_numbers_of_one_after_another(tmp_path):
+    hp = tiny_hp()
+    one = lottery.run_seeds(hp, [0, 1], 1, baselines=("random_reinit",), root=tmp_path / "a", progress=False)
+    two = lottery.run_seeds(hp, [0, 1], 1, baselines=("random_reinit",), root=tmp_path / "b", workers=2,
+                            progress=False)
+    levels = lambda runs: [{k: strip_times(v) for k, v in r.levels.items()} for r in runs]  # noqa: E731
+    assert levels(two) == levels(one)
+    assert one[0].levels[1]["ticket"] != one[1].levels[1]["ticket"]  # two seeds, two different runs
+    with pytest.raises(ValueError, match="workers=0"):
+        lottery.run_seeds(hp, [0], 1, root=tmp_path / "c", workers=0)
 
 
 def test_corrupt_level_is_reported_and_only_it_recomputed(tmp_path, data):
