@@ -192,7 +192,7 @@ def _writable(folder: Path) -> None:
 
 def run_notebook(key: str, params: str | None = None, overrides: dict | None = None,
                  out_dir: str | os.PathLike | None = None, kernel: str = KERNEL_NAME,
-                 failed_dir: str | os.PathLike | None = None) -> Path:
+                 failed_dir: str | os.PathLike | None = None, cell_timeout: float | None = None) -> Path:
     """Execute one notebook with papermill and return the executed notebook's path.
 
     Without ``params``/``overrides`` the notebook runs with its committed parameters, in place, and
@@ -203,8 +203,14 @@ def run_notebook(key: str, params: str | None = None, overrides: dict | None = N
     results JSON and its figures moved into place. A failed run changes nothing there: its partly
     executed notebook is kept in ``failed_dir`` (default ``runs/failed/``; named in the error) to show
     where it stopped.
+
+    ``cell_timeout`` (seconds, default none: paper-scale cells may run for hours) stops a cell that runs
+    longer, so that a hung kernel becomes a named failure instead of a run that never ends.
     """
     import papermill
+
+    if cell_timeout is not None and not cell_timeout > 0:
+        raise ValueError(f"cell_timeout={cell_timeout}: give a positive number of seconds, or None for no limit.")
 
     nb = find_notebook(key)
     values, tag = load_params(nb, params)
@@ -228,7 +234,8 @@ def run_notebook(key: str, params: str | None = None, overrides: dict | None = N
     try:
         try:
             papermill.execute_notebook(str(nb), tmp, parameters=values, kernel_name=kernel,
-                                       cwd=str(nb.parent), progress_bar=sys.stderr.isatty())
+                                       cwd=str(nb.parent), progress_bar=sys.stderr.isatty(),
+                                       execution_timeout=cell_timeout)
         except BaseException as e:
             failed = Path(failed_dir if failed_dir is not None else ROOT / "runs" / "failed") / nb.name
             if Path(tmp).is_file() and Path(tmp).stat().st_size:
@@ -320,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                      help="override one parameter (value parsed as YAML)")
     run.add_argument("--out", help="folder for the executed copies (default: in place, or runs/<tag>/)")
+    run.add_argument("--cell-timeout", type=float, metavar="SECONDS",
+                     help="fail a cell that runs longer than this (default: no limit)")
     sw = sub.add_parser("sweep", help="run a parameter sweep (a YAML of notebook, params, grid) on Dask")
     sw.add_argument("sweep", help="a sweep YAML path or a name in notebooks/params/sweeps/")
     sw.add_argument("--engine", default="local", help="'local': a LocalCluster, one 1-thread worker per core")
@@ -348,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     targets = [nb.stem for nb in notebooks()] if args.notebook == "all" else [args.notebook]
     for key in targets:
         print(f"== {key}", flush=True)
-        path = run_notebook(key, args.params, overrides, args.out)
+        path = run_notebook(key, args.params, overrides, args.out, cell_timeout=args.cell_timeout)
         print(f"   wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}", flush=True)
     return 0
 

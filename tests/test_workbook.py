@@ -69,6 +69,21 @@ def test_run_notebook_with_overrides_records_beside_the_copy(tmp_path):
     assert "xxxx" in "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
 
 
+def test_a_cell_past_its_timeout_fails_by_name_and_publishes_nothing(tmp_path):
+    import time
+
+    nb = write_notebook(tmp_path / "96_slow.ipynb", "n = 3\n", "import time\ntime.sleep(60)")
+    with pytest.raises(ValueError, match="cell_timeout=0"):
+        workbook.run_notebook(str(nb), overrides={"n": 1}, out_dir=tmp_path / "out", cell_timeout=0)
+    t0 = time.perf_counter()
+    with pytest.raises(Exception, match="(?i)timed? ?out|timeout") as err:
+        workbook.run_notebook(str(nb), overrides={"n": 1}, out_dir=tmp_path / "out", cell_timeout=3,
+                              failed_dir=tmp_path / "failed")
+    assert time.perf_counter() - t0 < 45, "the timeout did not stop the sleeping cell"
+    assert "partly executed notebook" in "".join(getattr(err.value, "__notes__", []))
+    assert not (tmp_path / "out" / "96_slow.ipynb").exists() and not (tmp_path / "out" / "results" / "96_slow.json").exists()
+
+
 def test_yaml_params_and_cli(tmp_path, capsys):
     nb = make_notebook(tmp_path / "98_tiny.ipynb")
     (tmp_path / "bad.yaml").write_text("n: 2\nwrong: 1\n")
