@@ -329,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", help="folder for the executed copies (default: in place, or runs/<tag>/)")
     run.add_argument("--cell-timeout", type=float, metavar="SECONDS",
                      help="fail a cell that runs longer than this (default: no limit)")
+    bk = sub.add_parser("book", help="render the committed notebooks to a static web edition (build/book/)")
+    bk.add_argument("--out", default=str(ROOT / "build" / "book"), help="output folder (default: build/book/)")
     sw = sub.add_parser("sweep", help="run a parameter sweep (a YAML of notebook, params, grid) on Dask")
     sw.add_argument("sweep", help="a sweep YAML path or a name in notebooks/params/sweeps/")
     sw.add_argument("--engine", default="local", help="'local': a LocalCluster, one 1-thread worker per core")
@@ -349,6 +351,14 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in check_setup().items():
             print(f"{key:>7}: {value}")
         return 0
+    if args.cmd == "book":
+        from . import book
+
+        res = book.build(notebooks(), ROOT / "results", ROOT / "README.md", Path(args.out))
+        print(f"wrote {len(res.pages)} pages to {res.out} in {res.seconds:.1f} s; open {res.out / 'index.html'}")
+        for f in res.failures:
+            print(f"not rendered: {f}", file=sys.stderr)
+        return 1 if res.failures else 0
     if args.cmd == "sweep":
         from . import sweep
 
