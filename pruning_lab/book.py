@@ -39,12 +39,6 @@ def chapter_map(readme: Path) -> dict[str, tuple[str, str]]:
     return rows
 
 
-def _get(d, *keys):
-    for k in keys:
-        d = d[k]
-    return d
-
-
 def key_results(stem: str, r: dict) -> list[str]:
     """A few headline numbers of one chapter's recorded run, as Markdown bullet texts."""
     pct = "{:.1%}".format
