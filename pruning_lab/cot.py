@@ -255,15 +255,31 @@ def encode(tokenizer, trace: Trace, how: str = "paragraph") -> Encoded:
     return Encoded(trace, enc.input_ids[0], steps, char_steps, answer, steps[0][0])
 
 
-def _body_and_head(model: nn.Module):
-    """(decoder body, output layer) of a Llama-style causal LM whose logits are exactly ``lm_head(hidden)``,
-    so the output layer can be applied to chosen positions only; (None, None) for any other model."""
+def _right_padded(seqs: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of 1-D id sequences right-padded into one batch."""
+    n = max(len(x) for x in seqs)
+    ids = torch.zeros(len(seqs), n, dtype=torch.long)
+    mask = torch.zeros(len(seqs), n, dtype=torch.long)
+    for r, x in enumerate(seqs):
+        ids[r, :len(x)], mask[r, :len(x)] = x, 1
+    return ids.to(device), mask.to(device)
+
+
+def _next_token_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
+                         cols: torch.Tensor) -> torch.Tensor:
+    """log p(ids[rows, cols + 1] | ids[rows, :cols + 1]) from one forward of the batch: for a Llama-style
+    ``model.model`` + ``lm_head`` (logits exactly ``lm_head(hidden)``) the output layer runs on those positions
+    only, not on the whole batch × vocabulary; other models take their full logits. log p = logit −
+    logsumexp(logits), without materialising a log-softmax."""
     base, head = getattr(model, "model", None), getattr(model, "lm_head", None)
     if (base is not None and hasattr(base, "layers") and isinstance(head, nn.Linear)
             and getattr(model.config, "final_logit_softcapping", None) is None
             and getattr(model.config, "logit_scale", None) is None):
-        return base, head
-    return None, None
+        logits = head(base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[rows, cols])
+    else:
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[rows, cols]
+    logits = logits.float()
+    return logits.gather(-1, ids[rows, cols + 1][:, None])[:, 0] - torch.logsumexp(logits, -1)
 
 
 @torch.inference_mode()
@@ -279,28 +295,15 @@ def token_logprobs_batch(model: nn.Module, seqs: list[torch.Tensor], batch_size:
     Llama-style ``model.model`` + ``lm_head``; other models: all positions), and
     log p = logit − logsumexp(logits) without materialising the full log-softmax."""
     device = next(model.parameters()).device
-    base, head = _body_and_head(model)
-    split = base is not None
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     out: list[torch.Tensor | None] = [None] * len(seqs)
     for i in range(0, len(order), batch_size):
         rows = order[i:i + batch_size]
         chunk = [seqs[j] for j in rows]
-        n = max(len(x) for x in chunk)
-        ids = torch.zeros(len(chunk), n, dtype=torch.long)
-        mask = torch.zeros(len(chunk), n, dtype=torch.long)
-        for r, x in enumerate(chunk):
-            ids[r, :len(x)], mask[r, :len(x)] = x, 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = _right_padded(chunk, device)
         nxt = mask[:, 1:].bool()  # positions whose next token is real
-        if split:
-            hidden = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]
-            logits = head(hidden[nxt]).float()  # (real positions, vocab)
-            lp = torch.zeros(nxt.shape, device=device)
-            lp[nxt] = logits.gather(-1, ids[:, 1:][nxt][:, None])[:, 0] - torch.logsumexp(logits, -1)
-        else:
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-            lp = logits.gather(-1, ids[:, 1:, None])[..., 0] - torch.logsumexp(logits, -1)
+        lp = torch.zeros(nxt.shape, device=device)
+        lp[nxt] = _next_token_logprobs(model, ids, mask, *nxt.nonzero(as_tuple=True))
         lp = lp.cpu()
         for r, (j, x) in enumerate(zip(rows, chunk)):
             out[j] = torch.cat([lp.new_zeros(1), lp[r, :len(x) - 1]])
@@ -382,25 +385,14 @@ def keep_ids(enc: Encoded, keep: list[int]) -> tuple[torch.Tensor, int, int]:
 def answer_logprob_batch(model: nn.Module, variants: list[tuple], batch_size: int = 16) -> list[float]:
     """log p(answer tokens) for many (ids, answer_start, answer_len) variants, right-padded in batches."""
     device = next(model.parameters()).device
-    base, head = _body_and_head(model)
     out = []
     for i in range(0, len(variants), batch_size):
         chunk = variants[i:i + batch_size]
-        n = max(len(v[0]) for v in chunk)
-        ids = torch.zeros(len(chunk), n, dtype=torch.long)
-        mask = torch.zeros(len(chunk), n, dtype=torch.long)
-        for r, (v, _, _) in enumerate(chunk):
-            ids[r, :len(v)], mask[r, :len(v)] = v, 1
+        ids, mask = _right_padded([v for v, _, _ in chunk], device)
         # the answer's tokens only: position a-1+j predicts answer token j (rows and columns of the batch)
         rows = torch.cat([torch.full((k,), r) for r, (_, _, k) in enumerate(chunk)])
         cols = torch.cat([torch.arange(a - 1, a - 1 + k) for _, a, k in chunk])
-        ids, mask = ids.to(device), mask.to(device)
-        if base is not None:  # the output layer on those positions, not on the whole batch × vocabulary
-            logits = head(base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[rows, cols])
-        else:
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[rows, cols]
-        logits = logits.float()
-        lp = logits.gather(-1, ids[rows, cols + 1][:, None])[:, 0] - torch.logsumexp(logits, -1)
+        lp = _next_token_logprobs(model, ids, mask, rows.to(device), cols.to(device))
         out += torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, rows, lp.double().cpu()).tolist()
     return out
 
