@@ -11,6 +11,8 @@ import pytest
 
 os.environ.setdefault("PRUNING_LAB_RESULTS", tempfile.mkdtemp(prefix="pruning_lab_results_"))
 os.environ.setdefault("MPLBACKEND", "Agg")
+# every notebook a test runs with papermill (smoke runs, sweeps): a cell that hangs fails after 10 minutes
+os.environ.setdefault("PRUNING_LAB_CELL_TIMEOUT", "600")
 
 _ENVIRONMENT = dict(os.environ)
 

@@ -190,6 +190,38 @@ def _writable(folder: Path) -> None:
                               "results, set PRUNING_LAB_RESULTS) or fix its permissions. Nothing was run.") from e
 
 
+ENGINE = "pruning_lab"
+
+
+def _register_engine() -> None:
+    """papermill's nbclient engine without nbclient's stand-in for the Output widget's frontend.
+
+    To mimic JupyterLab, nbclient answers an Output widget's comm messages and reroutes the cell's
+    messages to it while the kernel draws into it (what ``interact`` does). That exchange sometimes
+    deadlocks (nbclient #312, nbconvert #1921): twice our runs stopped on an ``interact`` cell with the
+    kernel idle and the client waiting. Without a frontend there is nothing to draw into anyway: here the
+    widgets' comm messages are received and left unanswered, and what the cell draws lands in its outputs.
+    """
+    from papermill import engines
+    from papermill.clientwrap import PapermillNotebookClient
+
+    class Client(PapermillNotebookClient):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.comm_open_handlers = {"jupyter.widget": lambda msg: None}
+
+    class Engine(engines.NBClientEngine):
+        @classmethod
+        def execute_managed_notebook(cls, nb_man, kernel_name, log_output=False, stdout_file=None,
+                                     stderr_file=None, start_timeout=60, execution_timeout=None, **kwargs):
+            kwargs = engines.remove_args(["input_path", "timeout", "startup_timeout"], **kwargs)
+            return Client(nb_man, timeout=execution_timeout, startup_timeout=start_timeout, kernel_name=kernel_name,
+                          log=engines.logger, log_output=log_output, stdout_file=stdout_file,
+                          stderr_file=stderr_file, **kwargs).execute()
+
+    engines.papermill_engines.register(ENGINE, Engine)
+
+
 def run_notebook(key: str, params: str | None = None, overrides: dict | None = None,
                  out_dir: str | os.PathLike | None = None, kernel: str = KERNEL_NAME,
                  failed_dir: str | os.PathLike | None = None, cell_timeout: float | None = None) -> Path:
@@ -204,11 +236,14 @@ def run_notebook(key: str, params: str | None = None, overrides: dict | None = N
     executed notebook is kept in ``failed_dir`` (default ``runs/failed/``; named in the error) to show
     where it stopped.
 
-    ``cell_timeout`` (seconds, default none: paper-scale cells may run for hours) stops a cell that runs
-    longer, so that a hung kernel becomes a named failure instead of a run that never ends.
+    ``cell_timeout`` (seconds; default ``$PRUNING_LAB_CELL_TIMEOUT``, which the test session sets, else none:
+    paper-scale cells may run for hours) stops a cell that runs longer, so that a hung kernel becomes a named
+    failure instead of a run that never ends.
     """
     import papermill
 
+    if cell_timeout is None and os.environ.get("PRUNING_LAB_CELL_TIMEOUT"):
+        cell_timeout = float(os.environ["PRUNING_LAB_CELL_TIMEOUT"])
     if cell_timeout is not None and not cell_timeout > 0:
         raise ValueError(f"cell_timeout={cell_timeout}: give a positive number of seconds, or None for no limit.")
 
@@ -233,7 +268,8 @@ def run_notebook(key: str, params: str | None = None, overrides: dict | None = N
     os.close(fd)
     try:
         try:
-            papermill.execute_notebook(str(nb), tmp, parameters=values, kernel_name=kernel,
+            _register_engine()
+            papermill.execute_notebook(str(nb), tmp, parameters=values, kernel_name=kernel, engine_name=ENGINE,
                                        cwd=str(nb.parent), progress_bar=sys.stderr.isatty(),
                                        execution_timeout=cell_timeout)
         except BaseException as e:

@@ -69,7 +69,21 @@ def test_run_notebook_with_overrides_records_beside_the_copy(tmp_path):
     assert "xxxx" in "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
 
 
-def test_a_cell_past_its_timeout_fails_by_name_and_publishes_nothing(tmp_path):
+def test_interact_cells_run_headless_and_what_they_draw_lands_in_the_cell(tmp_path):
+    # papermill's stock client stands in for the Output widget's frontend, and that exchange sometimes
+    # deadlocked on our interact cells; without it, the figure interact draws is an output of the cell
+    draw = ("import matplotlib.pyplot as plt\nfrom ipywidgets import IntSlider, interact\n"
+            "interact(lambda k: (plt.plot(range(k)), plt.show()), k=IntSlider(value=n, min=1, max=9));")
+    nb = write_notebook(tmp_path / "95_widget.ipynb", "n = 3\n", draw, draw, draw)
+    out = workbook.run_notebook(str(nb), overrides={"n": 4}, out_dir=tmp_path / "out", cell_timeout=60)
+    cells = nbformat.read(out, as_version=4).cells[-3:]
+    for cell in cells:
+        kinds = [set(o.get("data", {})) for o in cell.outputs]
+        assert any("image/png" in k for k in kinds), kinds
+        assert any("application/vnd.jupyter.widget-view+json" in k for k in kinds), kinds
+
+
+def test_a_cell_past_its_timeout_fails_by_name_and_publishes_nothing(tmp_path, monkeypatch):
     import time
 
     nb = write_notebook(tmp_path / "96_slow.ipynb", "n = 3\n", "import time\ntime.sleep(60)")
@@ -82,6 +96,11 @@ def test_a_cell_past_its_timeout_fails_by_name_and_publishes_nothing(tmp_path):
     assert time.perf_counter() - t0 < 45, "the timeout did not stop the sleeping cell"
     assert "partly executed notebook" in "".join(getattr(err.value, "__notes__", []))
     assert not (tmp_path / "out" / "96_slow.ipynb").exists() and not (tmp_path / "out" / "results" / "96_slow.json").exists()
+    monkeypatch.setenv("PRUNING_LAB_CELL_TIMEOUT", "3")  # the default when no cell_timeout is given
+    t0 = time.perf_counter()
+    with pytest.raises(Exception, match="(?i)timed? ?out|timeout"):
+        workbook.run_notebook(str(nb), overrides={"n": 1}, out_dir=tmp_path / "out", failed_dir=tmp_path / "failed")
+    assert time.perf_counter() - t0 < 45
 
 
 def test_yaml_params_and_cli(tmp_path, capsys):
