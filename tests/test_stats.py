@@ -1,0 +1,99 @@
+"""The workbook's noise test, by hand first, then against scipy's own implementations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pruning_lab import stats
+
+
+def test_paired_t_by_hand():
+    # differences 0.02, 0.03, 0.04: mean 0.03, sd 0.01, se 0.01/sqrt(3); t = 3*sqrt(3) = 5.196 with 2 df.
+    # For 2 df the t tail has a closed form: P(T > t) = (1 - t / sqrt(t^2 + 2)) / 2.
+    r = stats.paired([0.80, 0.82, 0.84], [0.78, 0.79, 0.80])
+    t = 3 * math.sqrt(3)
+    assert r["t"] == pytest.approx(t)
+    assert r["p_value"] == pytest.approx(1 - t / math.sqrt(t * t + 2))  # = 0.0351
+    half = 4.302653 * 0.01 / math.sqrt(3)  # t_{0.975, 2} = 4.3027
+    assert r["ci"] == pytest.approx([0.03 - half, 0.03 + half], abs=1e-6)
+    assert r["verdict"] == "A better"
+
+
+def test_two_standard_errors_is_not_enough_with_three_pairs():
+    # differences 1.0, 1.5, 0.5: mean 1, sd 0.5, mean = 3.46 standard errors -- the old "> 2 SE" rule said
+    # "A better"; with 2 df that is p = 1 - 3.464/sqrt(14) = 0.074, so within noise at 5%
+    r = stats.paired([2.0, 2.5, 1.5], [1.0, 1.0, 1.0])
+    assert r["mean_difference"] == pytest.approx(1.0) and r["std_difference"] == pytest.approx(0.5)
+    assert r["p_value"] == pytest.approx(1 - math.sqrt(12) / math.sqrt(14))
+    assert r["verdict"] == "within noise"
+    assert stats.paired([0.5, 0.4, 0.6], [0.9, 0.8, 0.95])["verdict"] == "B better"
+
+
+def test_paired_edges():
+    assert stats.paired([2, 3, 4, 5], [1, 2, 3, 4])["verdict"] == "A better"  # every difference +1, sd 0: p = 0
+    z = stats.paired([1, 2, 3], [1, 2, 3])
+    assert z["verdict"] == "within noise" and z["p_value"] == 1.0
+    for few in (([1, 2], [0, 0]), ([0.5], [0.4])):
+        assert stats.paired(*few)["verdict"] == "too few pairs"
+    with pytest.raises(ValueError, match="equal length"):
+        stats.paired([1, 2, 3], [1, 2])
+    with pytest.raises(ValueError, match="level"):
+        stats.paired([1, 2, 3], [0, 0, 0], level=5)
+
+
+def test_paired_matches_scipy():
+    from scipy.stats import ttest_rel
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for n in (3, 5, 20):
+        a, b = rng.normal(size=n), rng.normal(0.3, size=n)
+        ours, ref = stats.paired(a, b), ttest_rel(a, b)
+        assert ours["t"] == pytest.approx(ref.statistic) and ours["p_value"] == pytest.approx(ref.pvalue)
+        ci = ttest_rel(a, b).confidence_interval(0.95)
+        assert ours["ci"] == pytest.approx([ci.low, ci.high])
+
+
+def test_exact_mcnemar_by_hand():
+    # 6 items only A answers, none only B: p = 2 * (1/2)^6 = 0.031 -> A better
+    a = [1] * 6 + [1, 0] * 5
+    b = [0] * 6 + [1, 0] * 5
+    r = stats.paired_binary(a, b)
+    assert (r["a_only"], r["b_only"], r["n"]) == (6, 0, 16)
+    assert r["p_value"] == pytest.approx(2 / 64) and r["verdict"] == "A better"
+    assert r["mean_difference"] == pytest.approx(6 / 16)
+    # 5 to 0 is not enough: p = 2/32 = 0.0625; 7 to 1: p = 2 * (1 + 8) / 256 = 0.070
+    assert stats.paired_binary([1] * 5, [0] * 5)["p_value"] == pytest.approx(0.0625)
+    assert stats.paired_binary([1] * 5, [0] * 5)["verdict"] == "within noise"
+    r = stats.paired_binary([1] * 7 + [0], [0] * 7 + [1])
+    assert r["p_value"] == pytest.approx(18 / 256) and r["verdict"] == "within noise"
+    same = stats.paired_binary([True, False, True], [True, False, True])
+    assert same["p_value"] == 1.0 and same["verdict"] == "within noise"
+    assert stats.paired_binary([0, 1], [1, 1])["verdict"] == "too few pairs"
+    with pytest.raises(ValueError, match="yes/no"):
+        stats.paired_binary([0.5, 1, 1], [1, 1, 1])
+
+
+def test_exact_mcnemar_matches_scipy_binomtest():
+    from scipy.stats import binomtest
+
+    for k, m in [(0, 4), (1, 9), (3, 10), (10, 20), (2, 25)]:
+        a = [1] * k + [0] * (m - k)
+        b = [0] * k + [1] * (m - k)
+        assert stats.paired_binary(a, b)["p_value"] == pytest.approx(binomtest(k, m, 0.5).pvalue)
+
+
+def test_mean_std_and_text_by_hand():
+    assert stats.mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5)) and stats.mean_std([5.0]) == (5.0, 0.0)
+    assert stats.mean_std([1.0, None, 3.0]) == (2.0, pytest.approx(2 ** 0.5))  # None skipped
+    with pytest.raises(ValueError):
+        stats.mean_std([None])
+    p = stats.paired([0.80, 0.82, 0.84], [0.78, 0.79, 0.80])
+    assert stats.paired_text(p, "ticket", "dense") == "+3.00 ± 1.00 pts, ticket better (p = 0.035)"
+    assert stats.paired_text(p, marks=True) == "+3.00 ± 1.00 **+**"
+    q = stats.paired([1.0, 2.0], [1.5, 1.5])
+    assert stats.paired_text(q, "x", "y", scale=1, digits=1, unit="") == "+0.0 ± 0.7, n = 2, no test"
+    assert stats.paired_text(stats.paired([0.5], [0.4]), marks=True) == "+10.00 ·"
