@@ -47,6 +47,48 @@ def test_ties_are_pruned_in_order_to_the_exact_count():
         assert int((~mg.global_magnitude_masks(zeros, s)["weight"]).sum()) == round(s * 100)
 
 
+def _reference_masks(tensors, n_prune):
+    """Brute force: a stable sort of every |w| in tensor order, then index order; the first n_prune go."""
+    flat = torch.cat([t.detach().float().abs().reshape(-1) for t in tensors])
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    keep[torch.sort(flat, stable=True).indices[:n_prune]] = False
+    return [m.view(t.shape) for m, t in zip(keep.split([t.numel() for t in tensors]), tensors)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_radix_select_equals_a_stable_sort_with_many_ties(threads):
+    # values on a coarse grid (as dequantised 4-bit weights are): thousands of exact ties at any threshold;
+    # tensors large enough that the worker pool takes them in parallel, plus fp16 and bf16 ones
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randint(-40, 41, shape, generator=g).float() / 16 for shape in [(300, 400), (7,), (256, 513)]]
+    tensors += [(torch.randint(-40, 41, (200, 300), generator=g) / 16).to(torch.float16),
+                (torch.randint(-40, 41, (100, 90), generator=g) / 16).to(torch.bfloat16)]
+    total = sum(t.numel() for t in tensors)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for frac in (0.0, 0.001, 0.37, 0.5, 0.999):
+            n = round(frac * total)
+            ours = mg._prune_smallest(tensors, n)
+            assert torch.get_num_threads() == threads  # the call restores the thread count
+            for a, b in zip(ours, _reference_masks(tensors, n)):
+                assert torch.equal(a, b), frac
+    finally:
+        torch.set_num_threads(prev)
+
+
+def test_thread_count_is_restored_when_selection_fails(monkeypatch):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(mg, "_high_bits", lambda w: (_ for _ in ()).throw(RuntimeError("boom")))
+        with pytest.raises(RuntimeError, match="boom"):
+            mg.global_magnitude_masks(TwoLayer(), 0.5)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(prev)
+
+
 @pytest.mark.parametrize("sparsity", [0.0, 0.2, 0.5, 0.9, 0.97])
 def test_equal_to_torch_prune_global_unstructured(sparsity):
     torch.manual_seed(0)
