@@ -38,21 +38,27 @@ def menu(page, top: str, item: str):
     page.locator(".lm-Menu-item", has=label).first.click()
 
 
+# the notebook's tab shows no unsaved changes
+SAVED = "() => document.querySelectorAll('.lm-DockPanel-tabBar .lm-TabBar-tab.jp-mod-dirty').length === 0"
+
+
 def run_all_and_save(page, lab, name, shots, timeout_s: float) -> nbformat.NotebookNode:
-    """Run > Run All Cells, wait until the kernel is done, File > Save; return the saved notebook."""
+    """Run > Run All Cells, wait until the kernel is done, File > Save, wait for *that* save (the server wrote
+    the file after the click and the document is no longer dirty; autosave is off); return the saved notebook."""
     path = lab.root / name
-    before = path.stat().st_mtime_ns
     with shots.step(page, f"run all cells of {name}"):
         menu(page, "Run", "Run All Cells")
         page.wait_for_function(DONE, timeout=timeout_s * 1000, polling=500)
         page.locator(f"{NOTEBOOK} .jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(timeout=60_000)
     shots(page, f"{name}_ran")
     with shots.step(page, f"save {name}"):
+        before = lab.last_modified(name)
         menu(page, "File", "Save Notebook")
-        deadline = time.monotonic() + 30
-        while path.stat().st_mtime_ns == before and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert path.stat().st_mtime_ns != before, "File > Save did not write the notebook"
+        deadline = time.monotonic() + 60
+        while lab.last_modified(name) == before and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert lab.last_modified(name) != before, "File > Save did not write the notebook within 60 s"
+        page.wait_for_function(SAVED, timeout=60_000, polling=300)
     nb = nbformat.read(path, as_version=4)
     errors = [(i, o.get("ename"), o.get("evalue")) for i, c in enumerate(nb.cells) if c.cell_type == "code"
               for o in c.get("outputs", []) if o.get("output_type") == "error"]
@@ -77,7 +83,7 @@ def prepare_smoke_copy(lab, stem: str) -> str:
     import papermill
 
     src = workbook.find_notebook(stem)
-    values, _ = workbook.load_params(src, "smoke")
+    values, _ = workbook.resolve_parameters(src, "smoke")
     papermill.execute_notebook(str(src), str(lab.root / src.name), parameters=values, prepare_only=True,
                                kernel_name=workbook.KERNEL_NAME, progress_bar=False)
     return src.name
