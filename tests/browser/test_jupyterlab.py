@@ -117,8 +117,8 @@ def test_chapter_widget_redraws_its_output(stem, jupyterlab, browser, shots):
             box.scroll_into_view_if_needed(timeout=30_000)
             expect(box.locator(".widget-slider .noUi-handle").first).to_be_visible(timeout=30_000)
             texts = page.locator(f"{NOTEBOOK} .jp-OutputArea").all_inner_texts()
-            assert not any("Loading widget" in t or "Slider(" in t for t in texts), \
-                "a widget is shown as a placeholder or as its text repr, not rendered"
+            placeholders = [t for t in texts if "Loading widget" in t or "Slider(" in t]
+            assert not placeholders, "a widget is shown as a placeholder or as its text repr, not rendered"
             expect(out.locator(".jp-OutputArea-output").first).to_be_visible(timeout=30_000)  # a figure or HTML
             images = out.locator("img")
             before = images.last.get_attribute("src") if images.count() else out.inner_html()
