@@ -72,7 +72,7 @@ def test_welcome_runs_on_the_workbook_kernel(jupyterlab, browser, shots):
     page = browser.new_page(viewport={"width": 1400, "height": 900})
     try:
         open_notebook(page, jupyterlab, "00_welcome.ipynb", shots)
-        run_all_and_save(page, jupyterlab, "00_welcome.ipynb", shots, timeout_s=180)
+        run_all_and_save(page, jupyterlab, "00_welcome.ipynb", shots, timeout_s=400)
     finally:
         page.close()
         jupyterlab.shutdown_kernels()
@@ -110,7 +110,7 @@ def test_chapter_widget_redraws_its_output(stem, jupyterlab, browser, shots):
     page = browser.new_page(viewport={"width": 1400, "height": 900})
     try:
         open_notebook(page, jupyterlab, name, shots)
-        run_all_and_save(page, jupyterlab, name, shots, timeout_s=420)
+        run_all_and_save(page, jupyterlab, name, shots, timeout_s=900)
         box = page.locator(f"{NOTEBOOK} .widget-interact", has=page.locator(".widget-slider")).last
         out = box.locator(".widget-output").last
         with shots.step(page, f"find the widget of {stem}"):
