@@ -259,6 +259,103 @@ def test_uniform_allocation_gives_every_layer_the_same_widths(tiny):
     assert len({(len(p.heads), len(p.kv_heads), len(p.channels)) for p in plan.layers}) == 1
 
 
+def _units_by_hand(scores_per_layer, cost=1):
+    shape = st.LayerShape(heads=2, kv_heads=1, head_dim=2, channels=len(scores_per_layer[0]), hidden=4)
+    units = []
+    for i, sc in enumerate(scores_per_layer):
+        sc = torch.tensor(sc, dtype=torch.float64)
+        order = sc.argsort(stable=True)
+        units.append(st.LayerUnits(i, shape, 2, 100, cost, channel_scores=sc[order], channel_order=order))
+    return units
+
+
+def test_adaptive_allocation_and_outlier_clipping_by_hand():
+    # layer 0 has one outlier channel (1000): its z-scores are (s - 202) / 445.6, so its weakest channel sits at
+    # z = -0.45, while layer 1's weakest two sit at -1.26 and -0.63: FLAP's z takes both from layer 1
+    units = _units_by_hand([[1, 2, 3, 4, 1000], [1, 2, 3, 4, 5]])
+    req = st.PlanRequest(range(2), 2, budget=2, ratio=0.1, structure="mlp", allocation="adaptive", head_mode="query",
+                         standardize="units", min_keep=0.0)
+    assert st.allocate_adaptive(units, req) == {0: (0, 0), 1: (0, 2)}
+    # clipped at the 75% quantile (4), layer 0 reads 1, 2, 3, 4, 4: z(1) = -1.38 comes first, then layer 1's -1.26
+    clipped = st.PlanRequest(range(2), 2, budget=2, ratio=0.1, structure="mlp", allocation="adaptive",
+                             head_mode="query", standardize="units", min_keep=0.0, clip_quantile=0.75)
+    assert st.allocate_adaptive(units, clipped) == {0: (0, 1), 1: (0, 1)}
+    # uniform needs no scores: the budget split evenly, 1 channel per layer
+    assert st.allocate_uniform(_units_by_hand([[0] * 5, [0] * 5]), req) == {0: (0, 1), 1: (0, 1)}
+    with pytest.raises(ValueError, match="clip_quantile"):
+        st.check_request(tiny_llama(0), 0.1, "flap", clip_quantile=0.4)
+
+
+# --------------------------------------------------------------------------- layer ranges
+
+
+def test_scaled_range_by_hand():
+    # LLM-Pruner's LLaMA-7B recipe prunes layers 4-29 of 32: the first 4 and last 2 stay whole
+    assert st.scaled_range(32, 4, 2, 32) == range(4, 30)
+    assert st.scaled_range(30, 4, 2, 32) == range(4, 28)   # 3.75 -> 4 and 1.875 -> 2 whole on SmolLM2
+    assert st.scaled_range(12, 4, 2, 32) == range(2, 11)   # 1.5 -> 2 (half up) and 0.75 -> 1
+    assert st.scaled_range(2, 4, 2, 32) == range(0, 2)     # 0.25 and 0.125 round to none
+    assert st.layer_range(30, None, "taylor") == st.layer_range(30, "paper", st.Taylor()) == range(4, 28)
+    for metric in ("flap", "wanda-sp", "magnitude", "random"):
+        assert st.layer_range(30, None, metric) == range(30)  # FLAP's code prunes every layer with all three
+    assert st.layer_range(30, "all", "taylor") == range(30) and st.layer_range(30, (4, 28)) == range(4, 28)
+
+
+def test_bad_layer_ranges_are_refused_with_the_range_and_the_layer_count():
+    model = tiny_llama(0, num_hidden_layers=4)
+    for bad, word in ((range(3, 9), "outside"), (range(2, 2), "empty"), ((3, 1), "empty"), ((-1, 2), "outside")):
+        with pytest.raises(ValueError, match=rf"range\({bad[0] if isinstance(bad, tuple) else bad.start}, .*{word}.*"
+                                             r"4 decoder layers"):
+            st.layer_range(model, bad)
+    for bad in (range(0, 4, 2), [1, 2, 3], "some", 3.5):
+        with pytest.raises(ValueError, match="not a layer range"):
+            st.layer_range(model, bad)
+    # refused before calibration: the range is checked before anything asks for calibration statistics
+    with pytest.raises(ValueError, match=r"range\(3, 9\).*4 decoder layers"):
+        st.structured_prune(model, 0.2, "taylor", calibration=None, layers=range(3, 9))
+    # a range that cannot give up the asked share of the whole model, at either allocation
+    for allocation in ("uniform", "adaptive"):
+        with pytest.raises(ValueError, match=r"range\(1, 2\) of the model's 4"):
+            st.check_request(model, 0.5, "flap", layers=range(1, 2), allocation=allocation)
+    req = st.check_request(model, 0.1, "flap", layers=(1, 3))
+    assert req.layers == range(1, 3) and req.n_layers == 4 and req.budget == pytest.approx(0.1 * count_parameters(model))
+
+
+@pytest.mark.parametrize("allocation", st.ALLOCATIONS)
+def test_a_layer_range_prunes_only_its_layers_and_still_the_whole_ratio(allocation):
+    model = tiny_llama(1, num_hidden_layers=4)
+    cal = st.calibrate(model, _ids(), batch_size=4, taylor=True)
+    full = st.full_plan(model)
+    plan = st.plan_structured(model, cal, 0.15, "taylor", layers=range(1, 3), allocation=allocation,
+                              standardize="channels")
+    assert plan.info["layers"] == [1, 3]
+    for i in (0, 3):  # outside the range: whole
+        assert all(torch.equal(getattr(plan.layers[i], k), getattr(full.layers[i], k)) for k in ("heads", "kv_heads", "channels"))
+    assert any(len(plan.layers[i].channels) < 96 for i in (1, 2))
+    small = st.prune_model(model, plan)
+    removed = 1 - count_parameters(small) / count_parameters(model)
+    assert abs(removed - 0.15) < 3 * 48 * 8 / count_parameters(model)  # the whole model's ratio, within one unit
+    if allocation == "uniform":
+        assert len(plan.layers[1].channels) == len(plan.layers[2].channels)
+        # the same ratio over all 4 layers removes fewer channels from each of them
+        wide = st.plan_structured(model, cal, 0.15, "taylor", layers="all", allocation="uniform")
+        assert len(wide.layers[1].channels) > len(plan.layers[1].channels)
+    # the metric's paper default: LLM-Pruner's 4-and-2-of-32 on 4 layers keeps 0.5 -> 1 first and 0.25 -> 0 last whole
+    assert st.plan_structured(model, cal, 0.15, "taylor", allocation=allocation).info["layers"] == [1, 4]
+
+
+def test_random_structures_keep_the_widths_of_a_metric_at_uniform_allocation(tiny):
+    model, cal = tiny
+    mag = st.plan_structured(model, cal, 0.2, "magnitude", allocation="uniform")
+    r0 = st.plan_structured(model, cal, 0.2, st.RandomSP(seed=0), allocation="uniform")
+    r1 = st.plan_structured(model, cal, 0.2, st.RandomSP(seed=1), allocation="uniform")
+    assert [p["channels"] for p in mag.summary()] == [p["channels"] for p in r0.summary()] == [p["channels"] for p in r1.summary()]
+    assert [p["heads"] for p in mag.summary()] == [p["heads"] for p in r0.summary()]
+    assert not torch.equal(r0.layers[0].channels, r1.layers[0].channels)  # other draws, other channels
+    again = st.plan_structured(model, None, 0.2, st.RandomSP(seed=1), allocation="uniform")
+    assert torch.equal(again.layers[0].channels, r1.layers[0].channels)  # seeded: the same draw again
+
+
 # --------------------------------------------------------------------------- bias compensation
 
 
