@@ -1031,12 +1031,31 @@ def _update_config(model: nn.Module, head_dim: int) -> None:
             layer.layer_idx = i
 
 
+def _replaced_weights(layers: nn.ModuleList, plan: StructuredPlan) -> list[torch.Tensor]:
+    """The weights ``prune_model`` replaces by sliced copies (and those of dropped layers): a copy of the model
+    need not copy them. Biases are not listed: bias compensation writes into them before they are sliced."""
+    out = []
+    for i, (layer, p) in enumerate(zip(layers, plan.layers)):
+        a, m, s = layer.self_attn, layer.mlp, layer_shape(layer)
+        if i in plan.drop_layers:
+            out += [t for t in layer.parameters()]
+            continue
+        if len(p.heads) < s.heads:
+            out += [a.q_proj.weight, a.o_proj.weight]
+        if len(p.kv_heads) < s.kv_heads:
+            out += [a.k_proj.weight, a.v_proj.weight]
+        if len(p.channels) < s.channels:
+            out += [m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight]
+    return out
+
+
 def prune_model(model: nn.Module, plan: StructuredPlan, *, calibration: Calibration | None = None,
                 bias_compensation: bool = False, inplace: bool = False) -> nn.Module:
     """Slice the weights the plan removes and return a smaller, ordinary model.
 
     Everything is checked first; on bad input nothing changes. With ``inplace=False`` (default) the
-    model is deep-copied once and the copy is sliced (peak memory ≈ 2× the model); ``inplace=True``
+    model is deep-copied once — except the weight matrices the plan slices, which the sliced copies replace —
+    and the copy is sliced: it shares no tensor with ``model`` (peak memory ≈ 1× + the pruned model); ``inplace=True``
     slices the given model itself, for large models or benchmarks: no second copy, only the sliced
     matrices are new (weights memory-mapped from safetensors keep their pages resident until the file
     is released, so SmolLM2 at 30% peaks at ~1.6× the model; see ``benchmarks/bench_structured.py``).
@@ -1047,7 +1066,8 @@ def prune_model(model: nn.Module, plan: StructuredPlan, *, calibration: Calibrat
         if calibration is None or len(calibration.mlp) != len(layers):
             raise ValueError("bias_compensation=True needs calibrate(model, ids) of this model (channel means).")
     head_dim = layers[0].self_attn.head_dim
-    target = model if inplace else copy.deepcopy(model)
+    # the copy shares (never copies) the weights that are about to be sliced away, so it costs only what it keeps
+    target = model if inplace else copy.deepcopy(model, {id(w): w for w in _replaced_weights(layers, plan)})
     layers = decoder_layers(target)
     with torch.no_grad():
         for i, (layer, p) in enumerate(zip(layers, plan.layers)):
