@@ -51,6 +51,7 @@ from .eval import evaluate
 from .magnitude import (Masks, apply_masks, global_magnitude_masks, keep_masked, masks_from_densities,
                         prunable_parameters, prune_remaining, random_masks)
 from .models import make_model
+from .stats import paired
 from .train import TrainConfig, train
 
 BASELINES = ("random_reinit", "random_mask", "one_shot")
@@ -704,12 +705,11 @@ def summary_from_sweep(path: str | Path) -> dict:
 
 
 def paired_by_level(summary: dict, a: str = "ticket", b: str = "dense", column: str = "accuracy") -> list[dict]:
-    """Per pruned level, ``eval.paired`` of ``a`` against ``b`` seed by seed (the same seed's runs share
-    θ_0 and the data order): ``a``/``b`` are ``ticket``, a baseline name, or ``dense`` (level 0's ticket);
+    """Per pruned level, the workbook's noise test (``stats.paired``: paired two-sided Student t at 5%,
+    no verdict below 3 seeds) of ``a`` against ``b`` seed by seed (the same seed's runs share θ_0 and
+    the data order): ``a``/``b`` are ``ticket``, a baseline name, or ``dense`` (level 0's ticket);
     ``column`` is ``accuracy`` (at early stop), ``final_accuracy`` or ``early_stop_iteration``.
     Levels where either side was not measured are left out."""
-    from .eval import paired
-
     dense = summary["levels"][0][f"ticket_{column}_per_seed"]
     out = []
     for lv in summary["levels"][1:]:
