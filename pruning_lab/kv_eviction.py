@@ -38,6 +38,7 @@ the padding mask then still lines up (tested against one prompt at a time).
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -432,8 +433,18 @@ def _check_model(model: nn.Module):
     return base, layers
 
 
+def _check_tokens(value, name: str = "budget") -> None:
+    """Refuse a token budget that is not an int (``evicting``, ``check_budget`` and ``fits`` take tokens)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name}={value!r} is not a number of tokens: give an int here (for a fraction of the "
+                         "context give round(fraction * context), or pass the fraction to generate).")
+
+
 def check_budget(policy: FullCache, budget: int | None) -> None:
-    if budget is None or type(policy) is FullCache:
+    if budget is None:
+        return
+    _check_tokens(budget)
+    if type(policy) is FullCache:
         return
     if budget <= 0:
         raise ValueError(f"budget={budget}: give a positive number of tokens (or a fraction in (0, 1]).")
@@ -520,15 +531,51 @@ class Generation:
     logprobs: torch.Tensor | None = None  # (B, N) log p of the forced tokens, with ``force``
 
 
+_BUDGET_KINDS = "give a number of tokens (int >= 2) or a fraction of the context in (0, 1]"
+
+
+def check_budget_value(budget) -> None:
+    """Refuse, before any model work, a budget that is not ``None``, a token count (an int >= 2) or a
+    fraction of the context (a float in (0, 1]). The type decides: ints count tokens, floats are
+    fractions, so ``1.0`` is the whole context and ``1`` (one token, never a usable cache) is refused."""
+    if budget is None:
+        return
+    if isinstance(budget, str):
+        raise ValueError(f"budget={budget!r} is a string: {_BUDGET_KINDS}.")
+    if isinstance(budget, bool) or type(budget).__name__ == "bool_":
+        raise ValueError(f"budget={budget!r} is a bool: {_BUDGET_KINDS}, or None to keep every token.")
+    if not isinstance(budget, numbers.Real):
+        raise ValueError(f"budget={budget!r} ({type(budget).__name__}) is not a number: {_BUDGET_KINDS}.")
+    if isinstance(budget, numbers.Integral):
+        if budget == 1:
+            raise ValueError("budget=1 is an int, i.e. 1 token (ints count tokens, floats are fractions of the "
+                             "context): give 1.0 to keep the whole context, None for no eviction, or >= 2 tokens.")
+        if budget <= 0:
+            raise ValueError(f"budget={budget} tokens: a token count must be >= 2 (ints count tokens; a fraction "
+                             "of the context is a float in (0, 1]).")
+        return
+    if math.isnan(budget):
+        raise ValueError(f"budget=nan: {_BUDGET_KINDS}.")
+    if not 0 < budget <= 1:
+        whole = math.isfinite(budget) and float(budget).is_integer() and budget > 1
+        hint = f"; for {int(budget)} tokens give the int {int(budget)}" if whole else ""
+        raise ValueError(f"budget={budget} is a float, i.e. a fraction of the context, and must be in (0, 1]{hint}.")
+
+
 def resolve_budget(budget: float | int | None, context: int) -> int | None:
-    """``None`` (keep all), a token count (int ≥ 1), or a fraction in (0, 1] of ``context`` tokens."""
+    """``None`` (keep all), a token count (int ≥ 2), or a fraction in (0, 1] of ``context`` tokens."""
+    check_budget_value(budget)
     if budget is None:
         return None
-    if isinstance(budget, float) or (isinstance(budget, int) and budget <= 0):
-        if not 0 < budget <= 1:
-            raise ValueError(f"budget={budget}: a fraction must be in (0, 1]; a token count must be >= 1.")
-        return max(1, round(budget * context))
-    return int(budget)
+    if isinstance(budget, numbers.Integral):
+        return int(budget)
+    return max(1, round(float(budget) * context))
+
+
+def _check_steps(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name}={value!r}: give an int >= 1 (the number of tokens to generate; the first is "
+                         "the prompt's next token).")
 
 
 def _kv_bytes(cache) -> int:
@@ -553,6 +600,11 @@ def generate(model: nn.Module, input_ids: torch.Tensor, *, policy="full", budget
     """
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError("input_ids must be (batch, tokens) with at least one token.")
+    if force is None:
+        _check_steps(max_new_tokens, "max_new_tokens")
+    elif force.ndim != 2 or force.shape[1] == 0:
+        raise ValueError("force must be (batch, tokens) with at least one token to teacher-force.")
+    check_budget_value(budget)
     steps = force.shape[1] if force is not None else max_new_tokens
     context = input_ids.shape[1] + steps
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -688,6 +740,11 @@ def retrieval_accuracy(model, tokenizer, items, *, policy="full", budget=None, m
     correctness, the answers, KV bytes at the end and the budget in tokens (per batch)."""
     from .needle import is_correct
 
+    if not len(items):
+        raise ValueError("retrieval_accuracy needs at least one item (got none): build them with "
+                         "needle.needle_items(...).")
+    _check_steps(answer_tokens, "answer_tokens")
+    check_budget_value(budget)
     correct, answers, kv_bytes, budgets = [], [], 0, []
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
@@ -721,6 +778,7 @@ def continuation_check(model, input_ids, attention_mask, reference: torch.Tensor
 
 def fits(policy, budget_tokens: int, moment: str) -> bool:
     """Whether ``policy`` can run at this budget (its sinks and always-kept window leave room)."""
+    _check_tokens(budget_tokens, "budget_tokens")
     p = get_policy(policy)
     if type(p) is FullCache:
         return True
