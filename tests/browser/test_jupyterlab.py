@@ -9,6 +9,8 @@ import time
 import nbformat
 import pytest
 
+from notebook_helpers import keep_smoke_run
+
 from pruning_lab import workbook
 
 NOTEBOOK = ".jp-NotebookPanel:not(.lm-mod-hidden)"
@@ -101,7 +103,7 @@ def drag(page, slider, fraction: float):
 
 @pytest.mark.parametrize("stem", ["01_global_magnitude", "02_lottery_tickets", "03_structured_llm", "04_kv_eviction",
                                   "05_cot_pruning"])
-def test_chapter_widget_redraws_its_output(stem, jupyterlab, browser, shots):
+def test_chapter_widget_redraws_its_output(stem, jupyterlab, browser, shots, tmp_path):
     """Run the chapter (smoke parameters) in JupyterLab, drag the slider of its explorer, see the output change:
     a figure's image bytes (chapters 1-4) or the rendered trace (chapter 5)."""
     from playwright.sync_api import expect
@@ -111,6 +113,8 @@ def test_chapter_widget_redraws_its_output(stem, jupyterlab, browser, shots):
     try:
         open_notebook(page, jupyterlab, name, shots)
         run_all_and_save(page, jupyterlab, name, shots, timeout_s=900)
+        # the smoke tests (tests/test_*.py) read this run instead of running the chapter a second time
+        keep_smoke_run(stem, jupyterlab.root / name, jupyterlab.root.parent / "results", tmp_path / "smoke")
         box = page.locator(f"{NOTEBOOK} .widget-interact", has=page.locator(".widget-slider")).last
         out = box.locator(".widget-output").last
         with shots.step(page, f"find the widget of {stem}"):
