@@ -137,8 +137,9 @@ def cache_problem(folder: Path, verify: bool = True) -> str | None:
     try:
         stamp = read_json(folder / "complete.json")
         sizes, digests = stamp["files"], stamp["sha256"]
-        assert isinstance(sizes, dict) and sizes and isinstance(digests, dict) and set(digests) == set(sizes)
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        if not (isinstance(sizes, dict) and sizes and isinstance(digests, dict) and set(digests) == set(sizes)):
+            raise ValueError("complete.json does not list the same files with sizes and checksums")
+    except (OSError, ValueError, KeyError, TypeError):
         return "no complete.json with checksums: a conversion did not finish" if folder.exists() else "not converted yet"
     for name, size in sizes.items():
         path = folder / name
@@ -288,6 +289,8 @@ def _load(name_or_path, kwargs: dict):
         try:
             return AutoModelForCausalLM.from_pretrained(folder, **kwargs), AutoTokenizer.from_pretrained(folder)
         except Exception as e:  # noqa: BLE001 - a damaged cache is rebuilt once
+            if cache_problem(folder) is None:
+                raise  # the cache is intact (sizes and checksums): the error is the request's, e.g. a bad keyword
             folder = embedded_model_folder(rebuild=f"it did not load: {type(e).__name__}")
             return AutoModelForCausalLM.from_pretrained(folder, **kwargs), AutoTokenizer.from_pretrained(folder)
     path = Path(name_or_path)

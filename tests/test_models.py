@@ -215,3 +215,18 @@ def test_a_gguf_that_will_not_load(tmp_path):
     with pytest.raises(RuntimeError, match="could not be loaded"):
         models._convert_gguf(bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_request_on_an_intact_embedded_cache_raises_without_rebuilding(monkeypatch):
+    """An error that is the caller's (here a keyword from_pretrained refuses) is raised as it is: the intact cache is
+    not converted again (that took ~30 s and then failed the same way)."""
+    from pruning_lab import models
+
+    models.embedded_model_folder()  # converted and intact
+    rebuilt = []
+    real = models.embedded_model_folder
+    monkeypatch.setattr(models, "embedded_model_folder",
+                        lambda rebuild=False, verify=True: rebuilt.append(rebuild) or real(verify=verify))
+    with pytest.raises(Exception) as err:
+        models.load_llm(None, dtype="no-such-dtype")
+    assert rebuilt == [False] and "no-such-dtype" in str(err.value)
