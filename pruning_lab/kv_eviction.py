@@ -259,12 +259,14 @@ class LazyEviction(Policy):
         elif last.shape[-1] < s:
             new = key_pos[..., last.shape[-1]:].float()
             last, mri = torch.cat([last, new], -1), torch.cat([mri, torch.zeros_like(new)], -1)
-        steps = torch.where(hit, query_pos.float()[None, None, :, None], -math.inf)  # (B, H, Q, S)
-        # last attended step before each query: running max over the window, seeded with `last`
-        prev = torch.cat([last[:, :, None, :], steps], 2).cummax(2).values  # (B, H, Q+1, S)
-        gaps = torch.where(hit, steps - prev[:, :, :-1], -math.inf)
-        state["mri"] = torch.maximum(mri, gaps.amax(2).clamp(min=0))
-        state["last"] = prev[:, :, -1]
+        # queries along the last dimension (B, H, S, Q): a running max over the last dimension is fast on CPU
+        hit = hit.transpose(2, 3)
+        steps = torch.where(hit, query_pos.float(), -math.inf)
+        # last attended step before each query: running max over the queries, seeded with `last`
+        prev = torch.cat([last[..., None], steps], -1).cummax(-1).values  # (B, H, S, Q+1)
+        gaps = torch.where(hit, steps - prev[..., :-1], -math.inf)
+        state["mri"] = torch.maximum(mri, gaps.amax(-1).clamp(min=0))
+        state["last"] = prev[..., -1]
         state["now"] = float(query_pos[-1])
 
     def score(self, state, attn, key_pos):
@@ -900,9 +902,14 @@ class Prefill:
     def scores(self, policy: Policy) -> torch.Tensor:
         """(L, B, H, S) scores of one of the prefill's policies (computed once)."""
         i = next((j for j, p in enumerate(self.policies) if p is policy), None)
-        if i is None:
-            raise ValueError(f"{policy.name} was not among the policies this Prefill was read for: "
-                             "pass it in Prefill(..., policies=[...]).")
+        kept_q = self.cache.layers[0].queries.shape[2]
+        if i is None and (policy.observes or policy.queries > kept_q):
+            raise ValueError(f"{policy.name} was not among the policies this Prefill was read for (it needs statistics "
+                             "gathered while reading): pass it in Prefill(..., policies=[...]).")
+        if i is None:  # a policy that scores from positions (or the latest queries) alone: nothing to cache
+            self.policies.append(policy)
+            self.states.append([{} for _ in self.cache.layers])
+            i = len(self.policies) - 1
         if i not in self._scores or policy.stochastic:
             out = []
             with torch.inference_mode():
@@ -952,6 +959,83 @@ class Prefill:
             d.queries = s.queries if rows is None else s.queries[rows]
             d.query_pos = s.query_pos
         return cache
+
+
+def _merge(caches: list[EvictingCache]) -> EvictingCache:
+    """One cache holding the rows of several compressed caches of one prefill, for one decoding loop: each is
+    padded to the largest with unused slots at the front (masked like padding), then the rows are stacked."""
+    n = max(c.layers[0].kept() for c in caches)
+    out = EvictingCache(len(caches[0].layers), FullCache(), None, "prompt")
+    out.compressed, out.capturing = True, False
+    for li, layer in enumerate(out.layers):
+        parts = [c.layers[li] for c in caches]
+        def front(t: torch.Tensor, f: int, dim: int) -> torch.Tensor:  # f unused slots before the kept ones
+            shape = list(t.shape)
+            shape[dim] = f
+            return torch.cat([t.new_zeros(shape), t], dim) if f else t
+
+        layer.keys = torch.cat([front(p.keys, n - p.kept(), 2) for p in parts])
+        layer.values = torch.cat([front(p.values, n - p.kept(), 2) for p in parts])
+        layer.positions = torch.cat([front(p.positions, n - p.kept(), 2) for p in parts])
+        layer.valid = torch.cat([front(p.valid, n - p.kept(), 2) for p in parts])
+        layer.seen, layer.is_initialized = parts[0].seen, True
+        layer.dtype, layer.device = parts[0].dtype, parts[0].device
+    return out
+
+
+@torch.inference_mode()
+def generate_compressed(model: nn.Module, prefill: Prefill, settings: Sequence[tuple], *, max_new_tokens: int,
+                        max_rows: int = 64, record: bool = False) -> list[Generation]:
+    """Prompt compression for many ``settings`` — (policy, budget, draws) — from one ``Prefill``, answered in
+    shared decoding loops: the compressed caches of consecutive settings with the same budget are stacked
+    (up to ``max_rows`` rows per loop), so that the weights are read once per step for all of them. Every row
+    gives what ``generate(..., moment="prompt", prefill=prefill)`` gives alone (tested). Returns one
+    ``Generation`` per setting; with ``record``, ``kept`` holds the prompt positions each row kept."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: generate at least 1 new token.")
+    real = prefill.real_tokens()
+    plans = []
+    for p, budget, draws in settings:  # every setting checked before any model work
+        pol = get_policy(p)
+        budgets = plan_budget(pol, budget, context=[r + max_new_tokens for r in real], moment="prompt")
+        plans.append((pol, None if budgets is None or pol.keeps_everything else budgets, draws))
+    device = prefill.input_ids.device
+    out: list[Generation | None] = [None] * len(plans)
+    groups, rows = [], 0
+    for i, (pol, budgets, draws) in enumerate(plans):
+        n = len(real) * draws
+        key = None if budgets is None else max(budgets)
+        if groups and rows + n <= max_rows and groups[-1][0] == key:
+            groups[-1][1].append(i)
+            rows += n
+        else:
+            groups.append((key, [i]))
+            rows = n
+    for _, members in groups:
+        t0 = time.perf_counter()
+        caches = [prefill.compressed(plans[i][0], plans[i][1], plans[i][2]) for i in members]
+        merged = _merge(caches)
+        reps = [plans[i][2] for i in members]
+        logits = torch.cat([prefill.logits.repeat_interleave(r, 0) for r in reps])
+        mask = torch.cat([prefill.mask.repeat_interleave(r, 0) for r in reps])
+        last = torch.cat([prefill.last_pos.repeat_interleave(r, 0) for r in reps])
+        with _hooks(model, merged):
+            res = _decode(model, merged, logits, mask, last, max_new_tokens, None, False, None, device)
+        seconds = time.perf_counter() - t0
+        start = 0
+        for i, cache in zip(members, caches):
+            pol, budgets, draws = plans[i]
+            n = len(real) * draws
+            kept = cache.layers[0].kept()
+            per_slot = _kv_bytes(cache) // max(1, kept)
+            out[i] = Generation(tokens=res["tokens"][start:start + n], kv_bytes=per_slot * (kept + max_new_tokens - 1),
+                                peak_kv_bytes=_kv_bytes(prefill.cache), evictions=cache.evictions,
+                                seconds_prefill=prefill.seconds, seconds_decode=seconds, budget=budgets,
+                                free_slots=None if budgets is None else [free_slots(pol, b, "prompt") for b in budgets],
+                                kept=cache.kept_positions().to(torch.int32).cpu() if record else None,
+                                kept_valid=cache.kept_valid().cpu() if record else None)
+            start += n
+    return out
 
 
 @torch.inference_mode()
@@ -1056,34 +1140,49 @@ def generate(model: nn.Module, input_ids: torch.Tensor, *, policy="full", budget
 
 
 @torch.inference_mode()
-def record_attention(model: nn.Module, input_ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, list]:
-    """Greedy full-cache generation of one prompt that records, at every decoding step, the attention
-    of the step's query over all earlier tokens, per query head: returns the generated ids (new,) and
-    a list of ``new`` tensors (layers, query heads, tokens so far) in float32."""
-    if input_ids.ndim != 2 or input_ids.shape[0] != 1:
-        raise ValueError("record_attention takes one prompt: input_ids of shape (1, tokens).")
+def record_attention(model: nn.Module, input_ids: torch.Tensor, new_tokens: int,
+                     attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list, torch.Tensor]:
+    """Greedy full-cache generation that records, at every decoding step, the attention of the step's
+    query over all earlier tokens, per query head. ``input_ids`` (B, T), left-padded with
+    ``attention_mask`` for a batch. Returns the generated ids (B, new), their log-probabilities (B, new),
+    and per row a list of ``new`` tensors (layers, query heads, tokens so far — padding removed, so
+    position 0 is the row's first real token) in float32."""
+    if input_ids.ndim != 2:
+        raise ValueError("record_attention takes input_ids of shape (batch, tokens).")
     if new_tokens < 1:
         raise ValueError(f"new_tokens={new_tokens}: record at least one step.")
     _, layers = _check_model(model)
-    steps, ids, maps = [], input_ids.to(next(model.parameters()).device), []
+    device = next(model.parameters()).device
+    ids = input_ids.to(device)
+    mask = attention_mask.to(device) if attention_mask is not None else torch.ones_like(ids)
+    pad = (mask.shape[1] - mask.sum(1)).tolist()
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
     cache = EvictingCache(len(layers), FullCache(), None, "decode")
+    steps, logps, maps = [], [], [[] for _ in range(ids.shape[0])]
     with _hooks(model, cache):
-        cache.capturing = False
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache.capturing = True
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
+        cache.capturing, last = True, pos[:, -1:]
         for _ in range(new_tokens):
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            steps.append(int(nxt))
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+            logp = torch.log_softmax(out.logits[:, -1].float(), -1)
+            nxt = logp.argmax(-1, keepdim=True)
+            steps.append(nxt)
+            logps.append(logp.gather(-1, nxt))
+            mask, last = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1), last + 1
+            out = model(input_ids=nxt, attention_mask=mask, position_ids=last, past_key_values=cache, use_cache=True)
             per_layer = []
             for layer in cache.layers:
-                q = layer.queries[:, :, -1:]  # (1, Hq, 1, D)
+                q = layer.queries[:, :, -1:]  # (B, Hq, 1, D)
                 hkv, d = layer.keys.shape[1], q.shape[-1]
                 k = layer.keys.repeat_interleave(q.shape[1] // hkv, dim=1)
-                per_layer.append(torch.softmax((q.float() @ k.float().transpose(-1, -2)) / math.sqrt(d), -1)[0, :, 0])
+                logits = (q.float() @ k.float().transpose(-1, -2))[:, :, 0] / math.sqrt(d)  # (B, Hq, S)
+                valid = layer.valid.repeat_interleave(q.shape[1] // hkv, dim=1)
+                per_layer.append(torch.softmax(logits.masked_fill(~valid, -math.inf), -1))
                 layer.queries, layer.query_pos = None, None
-            maps.append(torch.stack(per_layer).cpu())
-    return torch.tensor(steps), maps
+            att = torch.stack(per_layer, 1).cpu()  # (B, L, Hq, S)
+            for b in range(att.shape[0]):
+                maps[b].append(att[b, :, :, pad[b]:])
+    return torch.cat(steps, 1).cpu(), torch.cat(logps, 1).cpu(), maps
 
 
 def _returns(top: torch.Tensor, below: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1152,11 +1251,12 @@ def retrieval_scores(argmax: torch.Tensor, tokens: torch.Tensor, input_ids: torc
     """Wu et al.'s retrieval score of every (layer, query head), per row: (B, L, Hq).
 
     At each answer step, a head *copies* when its most attended key (``argmax``: (steps, L, B, Hq), from
-    ``generate(argmax=True)``) lies in the row's needle span [a, b) of ``input_ids`` and holds the very
-    token generated at that step (``tokens``: (B, steps)). The score is the number of copy events
-    divided by the number of tokens the answer had to copy (``answer_tokens`` per row: the code's
-    digits), so a head that copied every digit scores 1. (Wu et al. divide by the needle's length, as
-    their needles are copied whole; ours are a sentence whose answer is only its number.)"""
+    ``generate(argmax=True)``) lies in the row's ``needle`` span [a, b) of ``input_ids`` and holds the
+    very token generated at that step (``tokens``: (B, steps)). The score is the number of copy events
+    divided by ``answer_tokens`` (per row), the number of tokens the answer had to copy. With the span of
+    the code's digits as the needle, a head that pointed at every digit as it was written scores 1.
+    (Wu et al. take the whole needle sentence and divide by its length, as their needles are copied whole;
+    ours is a sentence of which only the number is copied.)"""
     steps, L, B, H = argmax.shape
     idx = argmax.long().clamp(min=0)
     prompt = torch.cat([input_ids.cpu(), tokens.cpu()], 1)  # a head may attend to the answer written so far
@@ -1194,14 +1294,17 @@ def _fact_kept(g: Generation, spans: list[tuple[int, int]], draws: int = 1) -> t
 
 
 def retrieval_runs(model, tokenizer, items, settings: Sequence[tuple], *, answer_tokens: int = 6, batch_size: int = 8,
-                   prefill_chunk: int = DECODE_CHUNK, draws: int = 8, progress: bool = True) -> dict:
+                   prefill_chunk: int = DECODE_CHUNK, draws: int = 8, decode_batch_size: int = 24,
+                   progress: bool = True) -> dict:
     """Greedy answers to ``needle`` items under many (policy, budget, moment) ``settings``.
 
-    Each batch of items is prefilled once: the full cache and every prompt-moment setting share that
-    prefill (``Prefill``); decode-moment settings read the prompt themselves in chunks of
-    ``prefill_chunk``. ``"oracle"`` as a policy keeps each item's fact tokens (a check of the mechanism).
-    A stochastic policy (random) is run ``draws`` times per item; its per-item result is the share of
-    draws answered (an estimate of the expected accuracy over draws). Budgets are token counts here.
+    Each batch of ``batch_size`` items is prefilled once: the full cache and every prompt-moment setting share
+    that prefill (``Prefill``), and the prompt-moment settings are answered together (``generate_compressed``).
+    Decode-moment settings read the prompts themselves in chunks of ``prefill_chunk``, ``decode_batch_size``
+    items at a time (their caches stay within budget, so a large batch is cheap in memory). ``"oracle"`` as a
+    policy keeps each item's fact tokens (a check of the mechanism). A stochastic policy (random) is run
+    ``draws`` times per item; its per-item result is the share of draws answered (an estimate of the expected
+    accuracy over draws). Budgets are token counts here; all are checked before any model work.
 
     Returns ``{"full": {...}, "runs": [...]}``; every run has ``policy, budget, moment, correct`` (per
     item: bool, or a share for a stochastic policy), ``answers``, ``accuracy``, ``free_slots``,
@@ -1221,65 +1324,79 @@ def retrieval_runs(model, tokenizer, items, settings: Sequence[tuple], *, answer
             plan_budget(p, b, context=[it.n_tokens + answer_tokens for it in items], moment=m, chunk=prefill_chunk)
         elif m != "prompt" or not isinstance(b, int):
             raise ValueError("The oracle runs at the prompt moment with a token budget.")
-    # one instance per policy name: the prefill computes each one's statistics once
-    instances = {p: (get_policy(p) if p != "oracle" else None) for p, _, _ in settings}
-    prompt_policies = [instances[p] for p, _, m in settings if m == "prompt" and p != "oracle"]
-    prompt_policies = list({id(p): p for p in prompt_policies}.values())
+    # one instance per policy name (instances given are used as they are): the prefill computes each one's
+    # statistics once, for every budget
+    by_name: dict[str, Policy] = {}
+    pols = [None if p == "oracle" else (by_name.setdefault(p, get_policy(p)) if isinstance(p, str) else p)
+            for p, _, _ in settings]
+    prompt_policies = list({id(p): p for p, (_, _, m) in zip(pols, settings) if p is not None and m == "prompt"}.values())
+    prompt_ids = sorted((k for k, (_, _, m) in enumerate(settings) if m == "prompt"), key=lambda k: settings[k][1])
+    decode_ids = [k for k, (_, _, m) in enumerate(settings) if m == "decode"]
     n = len(items)
     runs = [dict(policy=p if isinstance(p, str) else p.name, budget=b, moment=m, correct=[None] * n,
                  answers=[None] * n, fact_kept=[None] * n, fact_kept_per_layer=[None] * n, kv_bytes=0,
-                 free_slots=None) for p, b, m in settings]
+                 free_slots=None, draws=1) for p, b, m in settings]
     full = dict(correct=[None] * n, answers=[None] * n, kv_bytes=0, head_scores=[None] * n)
     batches = [list(range(i, min(n, i + batch_size))) for i in range(0, n, batch_size)]
+    decode_batches = [list(range(i, min(n, i + decode_batch_size))) for i in range(0, n, decode_batch_size)]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(batches) * (1 + len(settings)), desc="retrieval runs", leave=False)
+        bar = tqdm(total=len(batches) + len(decode_batches) * len(decode_ids), desc="retrieval runs", leave=False)
 
-    def score(texts, idx, reps):
+    def spans(idx, enc):
+        pad = (enc.attention_mask.shape[1] - enc.attention_mask.sum(1)).tolist()
+        return ([(p + items[i].answer_span[0], p + items[i].answer_span[1]) for p, i in zip(pad, idx)],
+                [(p + items[i].fact_span[0], p + items[i].fact_span[1]) for p, i in zip(pad, idx)])
+
+    def fill(run, g, idx, reps, answer_spans):
+        texts = tokenizer.batch_decode(g.tokens, skip_special_tokens=True)
         ok = [bool(is_correct(t, items[idx[k // reps]])) for k, t in enumerate(texts)]
-        return [sum(ok[k * reps:(k + 1) * reps]) / reps if reps > 1 else ok[k] for k in range(len(idx))], \
-            [texts[k * reps] for k in range(len(idx))]
+        kept = _fact_kept(g, answer_spans, reps).view(len(idx), reps, -1).mean(1)
+        for k, i in enumerate(idx):
+            run["correct"][i] = sum(ok[k * reps:(k + 1) * reps]) / reps if reps > 1 else ok[k]
+            run["answers"][i] = texts[k * reps]
+            run["fact_kept"][i], run["fact_kept_per_layer"][i] = float(kept[k].mean()), kept[k].tolist()
+        run["kv_bytes"] = max(run["kv_bytes"], g.kv_bytes // reps)
+        free = None if g.free_slots is None else min(g.free_slots)
+        run["free_slots"] = free if run["free_slots"] is None or free is None else min(free, run["free_slots"])
+        run["draws"] = reps
 
     for idx in batches:
-        chunk_items = [items[i] for i in idx]
-        enc = _batch(tokenizer, [it.prompt for it in chunk_items])
-        pad = (enc.attention_mask.shape[1] - enc.attention_mask.sum(1)).tolist()
-        answer_spans = [(p + it.answer_span[0], p + it.answer_span[1]) for p, it in zip(pad, chunk_items)]
-        fact_spans = [(p + it.fact_span[0], p + it.fact_span[1]) for p, it in zip(pad, chunk_items)]
+        enc = _batch(tokenizer, [items[i].prompt for i in idx])
+        answer_spans, fact_spans = spans(idx, enc)
         pf = Prefill(model, enc.input_ids, enc.attention_mask, policies=prompt_policies)
         g = generate(model, enc.input_ids, attention_mask=enc.attention_mask, policy="full", moment="prompt",
                      max_new_tokens=answer_tokens, prefill=pf, argmax=True)
-        ok, texts = score(tokenizer.batch_decode(g.tokens, skip_special_tokens=True), idx, 1)
-        heads = retrieval_scores(g.argmax, g.tokens, enc.input_ids, fact_spans,
-                                 [b - a for a, b in answer_spans])
+        texts = tokenizer.batch_decode(g.tokens, skip_special_tokens=True)
+        heads = retrieval_scores(g.argmax, g.tokens, enc.input_ids, answer_spans, [b - a for a, b in answer_spans])
         for k, i in enumerate(idx):
-            full["correct"][i], full["answers"][i], full["head_scores"][i] = ok[k], texts[k], heads[k]
+            full["correct"][i], full["answers"][i] = bool(is_correct(texts[k], items[i])), texts[k]
+            full["head_scores"][i] = heads[k]
         full["kv_bytes"] = max(full["kv_bytes"], g.kv_bytes)
+        chosen = []
+        for k in prompt_ids:
+            pol = pols[k] if pols[k] is not None else \
+                Oracle(positions=tuple(tuple(range(a, e)) for a, e in fact_spans))  # the fact sentence, per row
+            chosen.append((pol, settings[k][1], draws if pol.stochastic else 1))
+        gens = generate_compressed(model, pf, chosen, max_new_tokens=answer_tokens, record=True)
+        for k, (pol, _, reps), g in zip(prompt_ids, chosen, gens):
+            fill(runs[k], g, idx, reps, answer_spans)
+        del pf
         if bar:
             bar.update()
-        for s, ((p, b, m), run) in enumerate(zip(settings, runs)):
-            pol = Oracle(positions=tuple(tuple(range(a, e)) for a, e in fact_spans)) if p == "oracle" else instances[p]
-            reps = draws if pol.stochastic else 1
-            if m == "prompt":
-                g = generate(model, enc.input_ids, attention_mask=enc.attention_mask, policy=pol, budget=b,
-                             moment="prompt", max_new_tokens=answer_tokens, prefill=pf, draws=reps, record=True)
-            else:
-                g = generate(model, enc.input_ids, attention_mask=enc.attention_mask, policy=pol, budget=b,
-                             moment="decode", max_new_tokens=answer_tokens, prefill_chunk=prefill_chunk, draws=reps,
-                             record=True)
-            ok, texts = score(tokenizer.batch_decode(g.tokens, skip_special_tokens=True), idx, reps)
-            kept = _fact_kept(g, answer_spans, reps).view(len(idx), reps, -1).mean(1)
-            for k, i in enumerate(idx):
-                run["correct"][i], run["answers"][i] = ok[k], texts[k]
-                run["fact_kept"][i], run["fact_kept_per_layer"][i] = float(kept[k].mean()), kept[k].tolist()
-            run["kv_bytes"] = max(run["kv_bytes"], g.kv_bytes)
-            run["free_slots"] = None if g.free_slots is None else min(g.free_slots)
-            run["draws"] = reps
+    for k in decode_ids:
+        for idx in decode_batches:
+            enc = _batch(tokenizer, [items[i].prompt for i in idx])
+            answer_spans, _ = spans(idx, enc)
+            reps = draws if pols[k].stochastic else 1
+            g = generate(model, enc.input_ids, attention_mask=enc.attention_mask, policy=pols[k], budget=settings[k][1],
+                         moment="decode", max_new_tokens=answer_tokens, prefill_chunk=prefill_chunk, draws=reps,
+                         record=True)
+            fill(runs[k], g, idx, reps, answer_spans)
             if bar:
                 bar.update()
-        del pf
     if bar:
         bar.close()
     full["accuracy"] = sum(full["correct"]) / n

@@ -492,6 +492,14 @@ def test_a_shared_prefill_gives_what_separate_runs_give(tiny):
                                 max_new_tokens=5, record=True)
             assert torch.equal(shared.tokens, alone.tokens), (p.name, budget)
             assert torch.equal(shared.kept, alone.kept) and torch.equal(shared.kept_valid, alone.kept_valid)
+    # answered together in shared loops (rows of different budgets stacked, unused slots masked): the same tokens
+    settings = [(p, budget, 1) for budget in (24, 12, 100) for p in policies]
+    together = kv.generate_compressed(tiny, pf, settings, max_new_tokens=5, max_rows=6, record=True)
+    for (p, budget, _), g in zip(settings, together):
+        alone = kv.generate(tiny, batch, attention_mask=mask, policy=p, budget=budget, moment="prompt",
+                            max_new_tokens=5, prefill=pf, record=True)
+        assert torch.equal(g.tokens, alone.tokens), (p.name, budget)
+        assert g.free_slots == alone.free_slots and g.budget == alone.budget
     assert all(torch.equal(x, layer.keys) for x, layer in zip(before, pf.cache.layers))  # the prefill is untouched
     with pytest.raises(ValueError, match="prompt compression only"):
         kv.generate(tiny, batch, attention_mask=mask, policy="h2o", budget=12, moment="decode", prefill=pf,
@@ -641,3 +649,118 @@ def test_bad_input_is_refused_before_any_model_work(tiny):
     finally:
         handle.remove()
     assert not any(tiny._forward_pre_hooks.values())
+
+
+# --------------------------------------------------------------------------- the notebook
+
+
+def test_notebook_smoke_run(smoke_runs):
+    import yaml
+
+    from pruning_lab.workbook import NOTEBOOKS
+
+    results, nb_path = smoke_runs("04_kv_eviction")
+    smoke = yaml.safe_load((NOTEBOOKS / "params" / "04_kv_eviction.smoke.yaml").read_text())
+    assert results["full"]["retrieval_accuracy"] == 1.0  # the one smoke item, answered from the full cache
+    assert results["full"]["kv_bytes"] > 0 and results["full"]["n_items"] == 1
+    runs = results["runs"]
+    expected = {(p, "prompt", b) for p in smoke["policies"] for b in smoke["budgets"]}
+    expected |= {(p, "decode", b) for p in smoke["decode_policies"] for b in smoke["decode_budgets"]}
+    expected |= {("oracle", "prompt", min(smoke["budgets"]))}
+    assert {(r["policy"], r["moment"], r["budget"]) for r in runs} == expected
+    for r in runs:  # every row records what the policy chose among, and the fact it kept
+        if r["policy"] != "oracle":
+            assert r["free_slots"] is not None and r["room_to_choose"] == (r["free_slots"] >= r["budget"] / 2)
+        assert 0 < r["kv_bytes_ratio"] < 1 and 0 <= r["fact_kept"] <= 1 and len(r["fact_kept_per_layer"]) == 30
+        assert r["draws"] == (smoke["random_draws"] if r["policy"] == "random" else 1)
+    oracle = next(r for r in runs if r["policy"] == "oracle")
+    assert oracle["fact_kept"] == 1.0 and oracle["retrieval_accuracy"] == 1.0  # the mechanism check
+    assert results["verdicts"] and all(v["verdict"] == "too few pairs" for v in results["verdicts"])  # one item
+    rec = results["recurrence"]
+    assert sum(rec["gap_histogram"]) == rec["returns"] and 0 <= rec["fraction_recurring"] <= 1
+    assert rec["steps"] == smoke["reasoning_tokens"] - smoke["recurrence_start"]
+    heads = results["retrieval_heads"]
+    assert heads["total_heads"] == 270 and 0 <= max(max(row) for row in heads["score"]) <= 1
+    assert {r["policy"] for r in results["reasoning"]["runs"]} == set(smoke["reasoning_policies"])
+    assert "What this run shows" in results["conclusion"]
+    figures = nb_path.parent / "results" / "figures" / "04_kv_eviction"
+    for name in ("retrieval_accuracy", "fact_tokens_kept", "recurrence", "eviction_maps", "retrieval_heads"):
+        assert (figures / f"{name}.png").is_file(), name
+
+
+def _committed():
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = json.loads((root / "results" / "04_kv_eviction.json").read_text())
+    nb = json.loads((root / "notebooks" / "04_kv_eviction.ipynb").read_text())
+    return root, r, nb
+
+
+def _policies_of(p):
+    return dict(recency=kv.Recency(), random=kv.Random(window=p["random_window"]), streaming_llm=kv.StreamingLLM(),
+                h2o=kv.H2O(recent_ratio=p["h2o_recent_ratio"]), tova=kv.TOVA(), snapkv=kv.SnapKV(window=p["snapkv_window"]),
+                lazy_eviction=kv.LazyEviction(observation_window=p["lazy_window"]))
+
+
+def test_committed_run_matches_its_rendered_conclusion():
+    """notebooks/04's conclusions are rendered from its results; this checks the committed run: >= 24 independent
+    items the full cache answers (>= 90%), budgets in tokens with the free slots each policy really had, every
+    verdict equal to the one its per-item outcomes give, and the rendered text saying what the verdicts say."""
+    import numpy as np
+
+    from pruning_lab.stats import paired, paired_binary
+
+    _, r, nb = _committed()
+    p = r["params"]
+    items = r["items"]
+    assert len(items) >= 24 and r["full"]["n_items"] == len(items) and r["full"]["retrieval_accuracy"] >= 0.9
+    assert all(isinstance(b, int) and b >= 128 for b in p["budgets"]) and p["context_tokens"] >= 1000
+    after = np.array([it["tokens_after_answer"] for it in items])
+    make = _policies_of(p)
+    runs = {(x["policy"], x["moment"], x["budget"]): x for x in r["runs"]}
+    for x in r["runs"]:
+        if x["policy"] == "oracle":
+            continue
+        assert x["free_slots"] == kv.free_slots(make[x["policy"]], x["budget"], x["moment"], chunk=p["prefill_chunk"])
+        assert x["room_to_choose"] == (x["free_slots"] >= x["budget"] / 2)
+        out = after >= x["budget"]
+        assert x["n_outside"] == int(out.sum())
+        c = np.array(x["retrieval_correct"], float)
+        assert x["retrieval_accuracy"] == pytest.approx(c.mean())
+        assert x["accuracy_outside"] is None or x["accuracy_outside"] == pytest.approx(c[out].mean())
+    assert runs[("random", "prompt", p["budgets"][0])]["draws"] == p["random_draws"] >= 8
+    full = np.array(r["full"]["correct"], float)
+    for v in r["verdicts"]:
+        a = np.array(runs[(v["a"], v["a_moment"], v["budget"])]["retrieval_correct"], float)
+        b = full if v["b"] == "full" else np.array(runs[(v["b"], v["b_moment"], v["budget"])]["retrieval_correct"], float)
+        mask = after >= v["budget"] if v["subset"] == "outside" else np.ones(len(items), bool)
+        test = paired_binary if v["test"].startswith("exact McNemar") else paired
+        w = test(a[mask], b[mask])
+        assert (w["verdict"], v["items"]) == (v["verdict"], int(mask.sum())), v
+        assert w["p_value"] == pytest.approx(v["p_value"], nan_ok=True)
+    text = "".join(next("".join(o["data"]["text/markdown"]) for c in nb["cells"] if c["cell_type"] == "code"
+                        for o in c.get("outputs", []) if "What this run shows" in "".join(o.get("data", {}).get("text/markdown", ""))))
+    assert " ".join(text.split()) == " ".join(r["conclusion"].split())
+    lines = text.splitlines()
+    n_ok = int(full.sum())
+    assert f"the full cache answers **{n_ok}/{len(items)}** items" in text
+    for b in p["budgets"]:
+        line = next(x for x in lines if x.startswith(f"- Prompt compression to **{b} tokens**"))
+        beyond = line.split("beyond recency: ")[1].split(";")[0] if "beyond recency: " in line else ""
+        for name in p["policies"]:
+            if name in ("recency", "random") or not runs[(name, "prompt", b)]["room_to_choose"]:
+                continue
+            v = next(x for x in r["verdicts"] if (x["a"], x["b"], x["budget"], x["a_moment"]) == (name, "recency", b, "prompt"))
+            acc = runs[(name, "prompt", b)]["accuracy_outside"]
+            assert (f"{name} {acc:.0%}" in beyond) == (v["verdict"] == "A better"), (b, name)
+    for b in p["decode_budgets"]:
+        line = next(x for x in lines if x.startswith(f"- **Decode-time eviction at {b} tokens**"))
+        for name in p["decode_policies"]:
+            assert f"{name} {runs[(name, 'decode', b)]['retrieval_accuracy']:.0%}" in line
+    rec = r["recurrence"]
+    assert rec["steps"] >= 128 and rec["prompts"] >= 3 and f"{rec['fraction_recurring']:.0%} of the (layer, head, token)" in text
+    heads = r["retrieval_heads"]
+    assert f"{heads['heads_over_threshold']} of {heads['total_heads']} query heads score above {heads['threshold']}" in text
+    assert all(x["budget"] > max(r["reasoning"]["prompt_tokens"]) for x in r["reasoning"]["runs"])
