@@ -190,6 +190,14 @@ class TOVA(Policy):
 
 
 @dataclass
+class TOVAPerHead(TOVA):
+    """The variant of TOVA in which each KV head chooses its own tokens (its query heads averaged)."""
+
+    name: ClassVar[str] = "tova_per_head"
+    per_head: bool = True
+
+
+@dataclass
 class SnapKV(Policy):
     """Li et al. 2024, as kvpress computes it: the attention of the last ``window`` queries (the
     observation window) over the keys *before* the window, averaged over the window, smoothed by
@@ -318,7 +326,7 @@ class Oracle(Policy):
         return key_pos.float() + 1e9 * wanted
 
 
-POLICIES = {p.name: p for p in (FullCache, StreamingLLM, Recency, H2O, TOVA, SnapKV, LazyEviction, Random)}
+POLICIES = {p.name: p for p in (FullCache, StreamingLLM, Recency, H2O, TOVA, TOVAPerHead, SnapKV, LazyEviction, Random)}
 
 
 def get_policy(policy) -> Policy:
@@ -961,6 +969,15 @@ class Prefill:
         return cache
 
 
+def _pad_front(t: torch.Tensor, f: int) -> torch.Tensor:
+    """``f`` zero (for ``valid``: False) slots before the kept ones, along the slot dimension (2)."""
+    if not f:
+        return t
+    shape = list(t.shape)
+    shape[2] = f
+    return torch.cat([t.new_zeros(shape), t], 2)
+
+
 def _merge(caches: list[EvictingCache]) -> EvictingCache:
     """One cache holding the rows of several compressed caches of one prefill, for one decoding loop: each is
     padded to the largest with unused slots at the front (masked like padding), then the rows are stacked."""
@@ -969,15 +986,8 @@ def _merge(caches: list[EvictingCache]) -> EvictingCache:
     out.compressed, out.capturing = True, False
     for li, layer in enumerate(out.layers):
         parts = [c.layers[li] for c in caches]
-        def front(t: torch.Tensor, f: int, dim: int) -> torch.Tensor:  # f unused slots before the kept ones
-            shape = list(t.shape)
-            shape[dim] = f
-            return torch.cat([t.new_zeros(shape), t], dim) if f else t
-
-        layer.keys = torch.cat([front(p.keys, n - p.kept(), 2) for p in parts])
-        layer.values = torch.cat([front(p.values, n - p.kept(), 2) for p in parts])
-        layer.positions = torch.cat([front(p.positions, n - p.kept(), 2) for p in parts])
-        layer.valid = torch.cat([front(p.valid, n - p.kept(), 2) for p in parts])
+        for name in ("keys", "values", "positions", "valid"):
+            setattr(layer, name, torch.cat([_pad_front(getattr(p, name), n - p.kept()) for p in parts]))
         layer.seen, layer.is_initialized = parts[0].seen, True
         layer.dtype, layer.device = parts[0].dtype, parts[0].device
     return out
@@ -985,7 +995,7 @@ def _merge(caches: list[EvictingCache]) -> EvictingCache:
 
 @torch.inference_mode()
 def generate_compressed(model: nn.Module, prefill: Prefill, settings: Sequence[tuple], *, max_new_tokens: int,
-                        max_rows: int = 64, record: bool = False) -> list[Generation]:
+                        max_rows: int = 32, record: bool = False) -> list[Generation]:
     """Prompt compression for many ``settings`` — (policy, budget, draws) — from one ``Prefill``, answered in
     shared decoding loops: the compressed caches of consecutive settings with the same budget are stacked
     (up to ``max_rows`` rows per loop), so that the weights are read once per step for all of them. Every row
@@ -1014,7 +1024,11 @@ def generate_compressed(model: nn.Module, prefill: Prefill, settings: Sequence[t
     for _, members in groups:
         t0 = time.perf_counter()
         caches = [prefill.compressed(plans[i][0], plans[i][1], plans[i][2]) for i in members]
+        meta = [dict(kept=c.layers[0].kept(), bytes=_kv_bytes(c), evictions=c.evictions,
+                     positions=c.kept_positions().to(torch.int32).cpu() if record else None,
+                     valid=c.kept_valid().cpu() if record else None) for c in caches]
         merged = _merge(caches)
+        del caches  # the merged cache holds the only copy while decoding
         reps = [plans[i][2] for i in members]
         logits = torch.cat([prefill.logits.repeat_interleave(r, 0) for r in reps])
         mask = torch.cat([prefill.mask.repeat_interleave(r, 0) for r in reps])
@@ -1023,17 +1037,15 @@ def generate_compressed(model: nn.Module, prefill: Prefill, settings: Sequence[t
             res = _decode(model, merged, logits, mask, last, max_new_tokens, None, False, None, device)
         seconds = time.perf_counter() - t0
         start = 0
-        for i, cache in zip(members, caches):
+        for i, m in zip(members, meta):
             pol, budgets, draws = plans[i]
             n = len(real) * draws
-            kept = cache.layers[0].kept()
-            per_slot = _kv_bytes(cache) // max(1, kept)
-            out[i] = Generation(tokens=res["tokens"][start:start + n], kv_bytes=per_slot * (kept + max_new_tokens - 1),
-                                peak_kv_bytes=_kv_bytes(prefill.cache), evictions=cache.evictions,
+            per_slot = m["bytes"] // max(1, m["kept"])
+            out[i] = Generation(tokens=res["tokens"][start:start + n], kv_bytes=per_slot * (m["kept"] + max_new_tokens - 1),
+                                peak_kv_bytes=_kv_bytes(prefill.cache), evictions=m["evictions"],
                                 seconds_prefill=prefill.seconds, seconds_decode=seconds, budget=budgets,
                                 free_slots=None if budgets is None else [free_slots(pol, b, "prompt") for b in budgets],
-                                kept=cache.kept_positions().to(torch.int32).cpu() if record else None,
-                                kept_valid=cache.kept_valid().cpu() if record else None)
+                                kept=m["positions"], kept_valid=m["valid"])
             start += n
     return out
 

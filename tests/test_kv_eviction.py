@@ -700,7 +700,8 @@ def _committed():
 
 def _policies_of(p):
     return dict(recency=kv.Recency(), random=kv.Random(window=p["random_window"]), streaming_llm=kv.StreamingLLM(),
-                h2o=kv.H2O(recent_ratio=p["h2o_recent_ratio"]), tova=kv.TOVA(), snapkv=kv.SnapKV(window=p["snapkv_window"]),
+                h2o=kv.H2O(recent_ratio=p["h2o_recent_ratio"]), tova=kv.TOVA(), tova_per_head=kv.TOVAPerHead(),
+                snapkv=kv.SnapKV(window=p["snapkv_window"]),
                 lazy_eviction=kv.LazyEviction(observation_window=p["lazy_window"]))
 
 
@@ -764,3 +765,28 @@ def test_committed_run_matches_its_rendered_conclusion():
     heads = r["retrieval_heads"]
     assert f"{heads['heads_over_threshold']} of {heads['total_heads']} query heads score above {heads['threshold']}" in text
     assert all(x["budget"] > max(r["reasoning"]["prompt_tokens"]) for x in r["reasoning"]["runs"])
+
+
+def test_readme_quotes_the_committed_chapter_4_run():
+    root, r, _ = _committed()
+    readme = " ".join((root / "README.md").read_text().split())
+    n = r["full"]["n_items"]
+    runs = {(x["policy"], x["moment"], x["budget"]): x for x in r["runs"]}
+    verdict = {(v["a"], v["a_moment"], v["b"], v["b_moment"], v["budget"]): v["verdict"] for v in r["verdicts"]}
+    assert f"the full cache answers {sum(r['full']['correct'])}/{n}" in readme and f"{n} items, each with its own" in readme
+    b0 = min(r["params"]["budgets"])
+    oracle = runs[("oracle", "prompt", b0)]
+    assert f"an oracle keeping the fact's tokens {round(oracle['retrieval_accuracy'] * n)}/{n} at {b0} tokens" in readme
+    tova = {b: runs[("tova", "prompt", b)]["accuracy_outside"] for b in (256, 512)}
+    assert f"TOVA answers {tova[512]:.0%} of the facts outside the recency window at 512 tokens and {tova[256]:.0%} at 256" in readme
+    assert all(verdict[("tova", "prompt", "recency", "prompt", b)] == "A better" for b in (256, 512))
+    assert f"against recency's {runs[('recency', 'prompt', 512)]['accuracy_outside']:.0%}" in readme
+    dec, pro = runs[("tova", "decode", 256)], runs[("tova", "prompt", 256)]
+    assert f"TOVA answers {dec['retrieval_accuracy']:.0%} against {pro['retrieval_accuracy']:.0%} with prompt compression" in readme
+    assert verdict[("tova", "decode", "tova", "prompt", 256)] == "B better" and "(worse beyond noise)" in readme
+    rec = r["recurrence"]
+    assert f"{rec['fraction_recurring']:.0%} of the tokens once among a head's {rec['top_k']} most attended" in readme
+    assert f"fewer than the {rec['null_fraction_recurring']:.0%} with the steps shuffled" in readme and rec["verdict"] == "B better"
+    heads = r["retrieval_heads"]
+    assert f"{heads['heads_over_threshold']} of {heads['total_heads']} query heads are retrieval heads" in readme
+    assert f"~{r['params']['context_tokens']:,}-token passages" in readme
