@@ -1,6 +1,6 @@
 """The web edition: the committed, executed notebooks rendered to static HTML with nbconvert.
 
-``python -m pruning_lab.workbook book`` (or ``./lab book``) writes ``build/book/``: ``index.html`` (the
+``python -m pruning_lab book`` (or ``./lab book``) writes ``build/book/``: ``index.html`` (the
 chapter map from the README, each chapter's status and its key results read from ``results/*.json``)
 and one page per notebook, figures embedded, code cells folded into ``<details>``, links to the
 previous and next chapter. The pages need no Python and no network (no MathJax or require.js from a

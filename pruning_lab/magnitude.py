@@ -161,6 +161,9 @@ def global_magnitude_masks(module: nn.Module, sparsity: float, *, min_per_layer:
     sizes = {n: p.numel() for n, p in params.items()}
     total = sum(sizes.values())
     n_prune = round(sparsity * total)
+    if n_prune >= total:
+        raise ValueError(f"sparsity={sparsity} rounds to pruning all {total:,} weights (round({sparsity} * {total:,}) = "
+                         f"{n_prune:,}), which leaves no network; keep at least one: sparsity <= {(total - 1) / total:.7g}.")
     if isinstance(min_per_layer, int):
         floors = {n: min(min_per_layer, s) for n, s in sizes.items()}
     else:

@@ -92,6 +92,10 @@ def test_bad_input_is_refused_and_the_model_is_unchanged():
     for bad in (-0.1, 1.0, 1.5, float("nan"), "0.5"):
         with pytest.raises(ValueError, match="sparsity"):
             mg.global_magnitude_masks(m, bad)
+    n = sum(p.numel() for p in mg.prunable_parameters(m).values())
+    with pytest.raises(ValueError, match=f"rounds to pruning all {n} weights"):
+        mg.global_magnitude_masks(m, 1 - 0.4 / n)  # below 1.0, yet round(s * n) == n: nothing would be kept
+    assert sum(int(x.sum()) for x in mg.global_magnitude_masks(m, 1 - 1 / n).values()) == 1  # one weight kept
     with pytest.raises(ValueError, match="min_per_layer"):
         mg.global_magnitude_masks(m, 0.9, min_per_layer=0.5)  # floors keep 5, 0.9 leaves 1
     with pytest.raises(ValueError, match="min_per_layer"):

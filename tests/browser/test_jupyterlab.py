@@ -38,21 +38,27 @@ def menu(page, top: str, item: str):
     page.locator(".lm-Menu-item", has=label).first.click()
 
 
+# the notebook's tab shows no unsaved changes
+SAVED = "() => document.querySelectorAll('.lm-DockPanel-tabBar .lm-TabBar-tab.jp-mod-dirty').length === 0"
+
+
 def run_all_and_save(page, lab, name, shots, timeout_s: float) -> nbformat.NotebookNode:
-    """Run > Run All Cells, wait until the kernel is done, File > Save; return the saved notebook."""
+    """Run > Run All Cells, wait until the kernel is done, File > Save, wait for *that* save (the server wrote
+    the file after the click and the document is no longer dirty; autosave is off); return the saved notebook."""
     path = lab.root / name
-    before = path.stat().st_mtime_ns
     with shots.step(page, f"run all cells of {name}"):
         menu(page, "Run", "Run All Cells")
         page.wait_for_function(DONE, timeout=timeout_s * 1000, polling=500)
         page.locator(f"{NOTEBOOK} .jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(timeout=60_000)
     shots(page, f"{name}_ran")
     with shots.step(page, f"save {name}"):
+        before = lab.last_modified(name)
         menu(page, "File", "Save Notebook")
-        deadline = time.monotonic() + 30
-        while path.stat().st_mtime_ns == before and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert path.stat().st_mtime_ns != before, "File > Save did not write the notebook"
+        deadline = time.monotonic() + 60
+        while lab.last_modified(name) == before and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert lab.last_modified(name) != before, "File > Save did not write the notebook within 60 s"
+        page.wait_for_function(SAVED, timeout=60_000, polling=300)
     nb = nbformat.read(path, as_version=4)
     errors = [(i, o.get("ename"), o.get("evalue")) for i, c in enumerate(nb.cells) if c.cell_type == "code"
               for o in c.get("outputs", []) if o.get("output_type") == "error"]
@@ -66,7 +72,7 @@ def test_welcome_runs_on_the_workbook_kernel(jupyterlab, browser, shots):
     page = browser.new_page(viewport={"width": 1400, "height": 900})
     try:
         open_notebook(page, jupyterlab, "00_welcome.ipynb", shots)
-        run_all_and_save(page, jupyterlab, "00_welcome.ipynb", shots, timeout_s=180)
+        run_all_and_save(page, jupyterlab, "00_welcome.ipynb", shots, timeout_s=400)
     finally:
         page.close()
         jupyterlab.shutdown_kernels()
@@ -77,7 +83,7 @@ def prepare_smoke_copy(lab, stem: str) -> str:
     import papermill
 
     src = workbook.find_notebook(stem)
-    values, _ = workbook.load_params(src, "smoke")
+    values, _ = workbook.resolve_parameters(src, "smoke")
     papermill.execute_notebook(str(src), str(lab.root / src.name), parameters=values, prepare_only=True,
                                kernel_name=workbook.KERNEL_NAME, progress_bar=False)
     return src.name
@@ -104,15 +110,15 @@ def test_chapter_widget_redraws_its_output(stem, jupyterlab, browser, shots):
     page = browser.new_page(viewport={"width": 1400, "height": 900})
     try:
         open_notebook(page, jupyterlab, name, shots)
-        run_all_and_save(page, jupyterlab, name, shots, timeout_s=420)
+        run_all_and_save(page, jupyterlab, name, shots, timeout_s=900)
         box = page.locator(f"{NOTEBOOK} .widget-interact", has=page.locator(".widget-slider")).last
         out = box.locator(".widget-output").last
         with shots.step(page, f"find the widget of {stem}"):
             box.scroll_into_view_if_needed(timeout=30_000)
             expect(box.locator(".widget-slider .noUi-handle").first).to_be_visible(timeout=30_000)
             texts = page.locator(f"{NOTEBOOK} .jp-OutputArea").all_inner_texts()
-            assert not any("Loading widget" in t or "Slider(" in t for t in texts), \
-                "a widget is shown as a placeholder or as its text repr, not rendered"
+            placeholders = [t for t in texts if "Loading widget" in t or "Slider(" in t]
+            assert not placeholders, "a widget is shown as a placeholder or as its text repr, not rendered"
             expect(out.locator(".jp-OutputArea-output").first).to_be_visible(timeout=30_000)  # a figure or HTML
             images = out.locator("img")
             before = images.last.get_attribute("src") if images.count() else out.inner_html()
