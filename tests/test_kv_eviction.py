@@ -783,7 +783,7 @@ def test_readme_quotes_the_committed_chapter_4_run():
     assert f"against recency's {runs[('recency', 'prompt', 512)]['accuracy_outside']:.0%}" in readme
     dec, pro = runs[("tova", "decode", 256)], runs[("tova", "prompt", 256)]
     assert f"TOVA answers {dec['retrieval_accuracy']:.0%} against {pro['retrieval_accuracy']:.0%} with prompt compression" in readme
-    assert verdict[("tova", "decode", "tova", "prompt", 256)] == "B better" and "(worse beyond noise)" in readme
+    assert verdict[("tova", "decode", "tova", "prompt", 256)] == "B better" and "(worse beyond noise, p = " in readme
     rec = r["recurrence"]
     assert f"{rec['fraction_recurring']:.0%} of the tokens once among a head's {rec['top_k']} most attended" in readme
     assert f"fewer than the {rec['null_fraction_recurring']:.0%} with the steps shuffled" in readme and rec["verdict"] == "B better"
