@@ -18,16 +18,18 @@ with exact token spans per step from the tokenizer's character offsets.
 
 Data: ``make_problems`` writes seeded multi-step arithmetic word problems with exact answers;
 ``synthetic_trace`` writes a verbose CoT for one, with every redundant step (restatement, re-check, detour)
-labelled; ``load_jsonl`` reads any ``{"question", "answer"}`` JSONL (GSM8K's format) for users who have one.
+labelled; ``load_jsonl`` reads a ``{"question", "answer"}`` JSONL (GSM8K's format) for users who have one,
+optionally with labelled steps (``file_trace`` turns those into a ``Trace``), and refuses any line it cannot
+read exactly.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import operator
 import random
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +47,8 @@ class Problem:
     question: str
     answer: int
     steps: tuple[str, ...] = ()  # the necessary steps, one computed value each (generator only)
+    trace_steps: tuple[str, ...] = ()  # the step texts of a worked trace a problem file gave (load_jsonl)
+    redundant: tuple[bool, ...] | None = None  # their labels (True = redundant), one per step; None: unlabelled
 
 
 _NAMES = ("Anna", "Ben", "Carla", "David", "Emma", "Farid", "Grace", "Hugo", "Ines", "Jonas")
@@ -84,23 +88,112 @@ def make_problems(n: int, *, seed: int = 0, steps: tuple[int, int] = (2, 3)) -> 
     return out
 
 
-def load_jsonl(path: str | Path) -> list[Problem]:
-    """Problems from a JSONL file of ``{"question": ..., "answer": ...}`` (GSM8K: the answer's last line is
-    ``#### 42``). A bad line is reported with its number (one warning) and skipped; the rest still loads."""
-    problems, bad = [], []
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+_INTEGER = re.compile(r"[+-]?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)\.?")
+_LABELS = {"necessary": False, "redundant": True}
+
+
+def _exact_int(value, where: str) -> int:
+    """``value`` as an integer when it is exactly one: an int (not a bool) as is; a string by the text after
+    its last ``####`` (GSM8K's final line), which must be one integer (optional sign, thousands separators
+    such as ``1,234``, an optional final period, surrounding whitespace). Anything else ("half of 5", "3.5",
+    "5 or 6", a bool, a float, None) raises ValueError naming ``where``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        tail = value.rsplit("####", 1)[-1].strip()
+        if _INTEGER.fullmatch(tail):
+            return int(tail.rstrip(".").replace(",", ""))
+        shown = repr(tail if "####" in value else value)
+    else:
+        shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    raise ValueError(f"{where}: the answer {shown} is not exactly one integer "
+                     f"(write it as a number, e.g. \"#### 42\").")
+
+
+def _file_steps(row: dict, where: str, require_labels: bool) -> tuple[tuple[str, ...], tuple[bool, ...] | None]:
+    """The step texts and labels of one problem-file row (see ``load_jsonl``), checked."""
+    steps, labels, flags = row.get("steps"), row.get("labels"), row.get("redundant")
+    if labels is not None and flags is not None:
+        raise ValueError(f'{where}: give the labels once, as "labels" or as "redundant", not both.')
+    given = "labels" if labels is not None else "redundant" if flags is not None else None
+    if steps is None:
+        if given:
+            raise ValueError(f'{where}: "{given}" without "steps": labels need the step texts they label.')
+        if require_labels:
+            raise ValueError(f'{where}: no labelled steps ("steps" with "labels" or "redundant"), and labels '
+                             "are required here.")
+        return (), None
+    if not isinstance(steps, list) or len(steps) < 2:
+        raise ValueError(f'{where}: "steps" must be a list of at least two step texts.')
+    for k, text in enumerate(steps, 1):
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f'{where}: step {k} of "steps" is not a non-empty string.')
+        if re.search(SEGMENTERS["paragraph"], text.strip()):
+            raise ValueError(f"{where}: step {k} holds a blank line, but blank lines separate steps; "
+                             "split it into two steps or remove the blank line.")
+    if given is None:
+        if require_labels:
+            raise ValueError(f'{where}: "steps" without labels ("labels": "necessary"/"redundant" per step, '
+                             'or "redundant": true/false per step), and labels are required here.')
+        return tuple(steps), None
+    values = labels if given == "labels" else flags
+    if not isinstance(values, list):
+        raise ValueError(f'{where}: "{given}" must be a list, one entry per step.')
+    if len(values) != len(steps):
+        raise ValueError(f'{where}: {len(values)} "{given}" for {len(steps)} "steps": give one label per step.')
+    if given == "labels":
+        bad = [v for v in values if not (isinstance(v, str) and v in _LABELS)]
+        if bad:
+            raise ValueError(f'{where}: "labels" holds {bad[0]!r}: each label must be "necessary" or "redundant".')
+        return tuple(steps), tuple(_LABELS[v] for v in values)
+    bad = [v for v in values if not isinstance(v, bool)]
+    if bad:
+        raise ValueError(f'{where}: "redundant" holds {bad[0]!r}: each entry must be true or false.')
+    return tuple(steps), tuple(values)
+
+
+def load_jsonl(path: str | Path, *, require_labels: bool = False) -> list[Problem]:
+    """Problems from a JSONL file, one JSON object a line (blank lines are ignored)::
+
+        {"question": "...", "answer": "... #### 42"}                       # GSM8K's format; or "answer": 42
+        {"question": "...", "answer": 42, "steps": ["...", "..."], "labels": ["necessary", "redundant"]}
+        {"question": "...", "answer": 42, "steps": ["...", "..."], "redundant": [false, true]}
+
+    The answer must be exactly one integer: an int, or a string whose text after its last ``####`` is one
+    integer (``1,234`` and a final period allowed); "half of 5", "3.5" or "5 or 6" are refused, not guessed.
+    ``steps`` (optional) are the texts of a worked trace, at least two, none holding a blank line; labels, one
+    per step, come as ``labels`` ("necessary"/"redundant") or ``redundant`` (booleans) and need ``steps``.
+    They fill ``Problem.trace_steps`` and ``Problem.redundant``; ``file_trace`` turns them into a ``Trace``.
+    With ``require_labels`` every line must carry labelled steps.
+
+    Nothing is skipped: the first line that breaks these rules raises ValueError naming ``file:line``; a
+    missing file raises FileNotFoundError, a file without any problem ValueError."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such problem file (JSONL, one {{\"question\", \"answer\"}} a line).")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}).") from None
+    problems = []
+    for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        where = f"{path}:{i}"
         try:
             row = json.loads(line)
-            q, a = row["question"], str(row["answer"])
-            m = re.findall(r"-?\d[\d,]*", a.split("####")[-1])
-            problems.append(Problem(str(q), int(m[-1].replace(",", ""))))
-        except (ValueError, KeyError, TypeError, IndexError) as e:
-            bad.append(f"line {i}: {type(e).__name__} {e}")
-    if bad:
-        warnings.warn(f"{path}: skipped {len(bad)} line(s) without a question and a numeric answer: "
-                      + "; ".join(bad[:5]), stacklevel=2)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not JSON ({e.msg} at column {e.colno}).") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: not a JSON object (each line: {{\"question\": ..., \"answer\": ...}}).")
+        if not isinstance(row.get("question"), str) or not row["question"].strip():
+            raise ValueError(f'{where}: no "question" string (each line: {{"question": ..., "answer": ...}}).')
+        if "answer" not in row:
+            raise ValueError(f'{where}: no "answer" (each line: {{"question": ..., "answer": ...}}).')
+        answer = _exact_int(row["answer"], where)
+        steps, redundant = _file_steps(row, where, require_labels)
+        problems.append(Problem(row["question"], answer, trace_steps=steps, redundant=redundant))
     if not problems:
         raise ValueError(f"{path} holds no usable problem (each line: {{\"question\": ..., \"answer\": ...}}).")
     return problems
@@ -147,6 +240,16 @@ def synthetic_trace(problem: Problem, seed: int = 0, *, redundancy: float = 0.5)
             else:
                 add(f"So far we have {result}, and the question has not changed.", True, kind)
     return Trace(problem.question, "\n\n".join(steps), problem.answer, labels, kinds)
+
+
+def file_trace(problem: Problem) -> Trace:
+    """The trace a problem file gave (``load_jsonl`` with ``steps``): its steps joined by blank lines, the
+    problem's answer, and its labels (``redundant``; None when the file gave steps without labels)."""
+    if not problem.trace_steps:
+        raise ValueError("file_trace needs a problem whose file gave its steps (load_jsonl with \"steps\" "
+                         "and \"labels\" on the line); for a generated problem use synthetic_trace.")
+    redundant = None if problem.redundant is None else list(problem.redundant)
+    return Trace(problem.question, "\n\n".join(problem.trace_steps), problem.answer, redundant)
 
 
 def chat_prompt(tokenizer, question: str, instruction: str = "Solve step by step, then give the answer.") -> str:
@@ -462,8 +565,21 @@ def pruned_cot(enc: Encoded, keep: list[int]) -> str:
 
 def precision_recall(trace: Trace, keep: list[int]) -> tuple[float, float]:
     """On a labelled trace: precision = share of removed steps that were redundant; recall = share of the
-    redundant steps that were removed."""
-    removed = [i for i in range(len(trace.redundant)) if i not in set(keep)]
+    redundant steps that were removed. The steps are ``trace.cot``'s paragraphs (blank-line segmentation, as
+    ``synthetic_trace`` and ``file_trace`` write them), one label each; ``keep`` indexes them."""
+    if trace.redundant is None:
+        raise ValueError("precision_recall needs a labelled trace (its redundant is None): use synthetic_trace, "
+                         "or file_trace on a problem file with labelled steps.")
+    n = len(segment(trace.cot, "paragraph"))
+    if len(trace.redundant) != n:
+        raise ValueError(f"The trace has {len(trace.redundant)} label(s) for {n} step(s) (its cot split by blank "
+                         "lines): give one label per step.")
+    kept = set()
+    for i in keep:
+        if isinstance(i, bool) or not hasattr(i, "__index__") or not 0 <= operator.index(i) < n:
+            raise ValueError(f"keep holds {i!r}, not a step index of this trace (0 to {n - 1}).")
+        kept.add(operator.index(i))
+    removed = [i for i in range(n) if i not in kept]
     red = [i for i, r in enumerate(trace.redundant) if r]
     hit = len(set(removed) & set(red))
     return (hit / len(removed) if removed else 1.0), (hit / len(red) if red else 1.0)

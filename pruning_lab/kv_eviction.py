@@ -53,6 +53,7 @@ layer 0's sizes, so per-layer budgets (PyramidKV-style) are left out.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -341,26 +342,64 @@ def get_policy(policy) -> Policy:
 # --------------------------------------------------------------------------- budgets
 
 
-def resolve_budget(budget, context: int) -> int | None:
-    """``None`` (keep all), a token count (int >= 2), or a fraction in (0, 1] of ``context`` tokens.
+_BUDGET_KINDS = "give a number of tokens (int >= 2) or a fraction of the context in (0, 1]"
 
-    ``1`` is refused as ambiguous (one token or the whole context?): write ``1.0`` for the whole context.
-    """
+
+def check_budget_value(budget) -> None:
+    """Refuse, before any model work, a budget that is not ``None``, a token count (an int >= 2) or a
+    fraction of the context (a float in (0, 1]). The type decides: ints count tokens, floats are
+    fractions, so ``1.0`` is the whole context and ``1`` (1 token or 100%?) is refused as ambiguous."""
+    if budget is None:
+        return
+    if isinstance(budget, str):
+        raise ValueError(f"budget={budget!r} is a string: {_BUDGET_KINDS}.")
+    if isinstance(budget, bool) or type(budget).__name__ == "bool_":
+        raise ValueError(f"budget={budget!r} is a bool: {_BUDGET_KINDS}, or None to keep every token.")
+    if not isinstance(budget, numbers.Real):
+        raise ValueError(f"budget={budget!r} ({type(budget).__name__}) is not a number: {_BUDGET_KINDS}.")
+    if isinstance(budget, numbers.Integral):
+        if budget == 1:
+            raise ValueError("budget=1 is ambiguous: 1 token or 100% of the context? Ints count tokens, floats are "
+                             "fractions of the context: give 1.0 to keep the whole context, None for no eviction, "
+                             "or >= 2 tokens.")
+        if budget <= 0:
+            raise ValueError(f"budget={budget} tokens: a token count must be >= 2 (ints count tokens; a fraction "
+                             "of the context is a float in (0, 1]).")
+        return
+    if math.isnan(budget):
+        raise ValueError(f"budget=nan: {_BUDGET_KINDS}.")
+    if not 0 < budget <= 1:
+        whole = math.isfinite(budget) and float(budget).is_integer() and budget > 1
+        hint = f"; for {int(budget)} tokens give the int {int(budget)}" if whole else ""
+        raise ValueError(f"budget={budget} is a float, i.e. a fraction of the context, and must be in (0, 1]{hint}.")
+
+
+def resolve_budget(budget, context: int) -> int | None:
+    """``None`` (keep all), a token count (int >= 2), or a fraction in (0, 1] of ``context`` tokens
+    (checked by ``check_budget_value``: ``1`` is refused as ambiguous, write ``1.0`` for the whole context)."""
+    check_budget_value(budget)
     if budget is None:
         return None
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise TypeError(f"budget={budget!r} ({type(budget).__name__}): give a number of tokens per KV head (an int, "
-                        "e.g. 256) or a fraction of the context in (0, 1] (a float, e.g. 0.25), not a string.")
-    if isinstance(budget, int):
-        if budget == 1:
-            raise ValueError("budget=1 is ambiguous: 1 token or 100% of the context? Write 1.0 for the whole "
-                             "context, or a token count >= 2.")
-        if budget < 1:
-            raise ValueError(f"budget={budget}: a token count must be >= 2 (or give a fraction in (0, 1]).")
-        return budget
-    if not 0 < budget <= 1 or math.isnan(budget):
-        raise ValueError(f"budget={budget}: a fraction must be in (0, 1]; a token count is an int >= 2.")
-    return max(1, round(budget * context))
+    if isinstance(budget, numbers.Integral):
+        return int(budget)
+    return max(1, round(float(budget) * context))
+
+
+def _check_tokens(value, name: str = "budget", hint: str = "for a fraction of the context give "
+                  "round(fraction * context), or pass the fraction to generate") -> None:
+    """Refuse a token budget that is not an int (``evicting`` takes tokens; ``fits`` without a context)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name}={value!r} is not a number of tokens: give an int here ({hint}).")
+
+
+def _check_steps(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name}={value!r}: give an int >= 1 (the number of tokens to generate; the first is "
+                         "the prompt's next token).")
+
+
+class NoRoom(ValueError):
+    """A budget that leaves the policy no slot to choose (``fits`` answers False for it)."""
 
 
 def free_slots(policy, budget: int, moment: str = "prompt", chunk: int = DECODE_CHUNK,
@@ -410,7 +449,7 @@ def plan_budget(policy, budget, *, context: int | Sequence[int], moment: str = "
         if free < 1:
             extra = (f", and at decode time room for the next {max(c, every)} new tokens "
                      f"({'a prompt chunk' if c >= every else 'evict_every'})") if moment == "decode" else ""
-            raise ValueError(f"budget={b} tokens leaves {p.name} no room to choose: it always keeps "
+            raise NoRoom(f"budget={b} tokens leaves {p.name} no room to choose: it always keeps "
                              f"{_describe(p, b)} ({p.floor(b)} tokens){extra}. Give a budget above "
                              f"{b - free}{', or a smaller prefill_chunk' if moment == 'decode' else ''}.")
     return resolved
@@ -418,14 +457,16 @@ def plan_budget(policy, budget, *, context: int | Sequence[int], moment: str = "
 
 def fits(policy, budget, moment: str, *, context: int | Sequence[int] | None = None, chunk: int = DECODE_CHUNK,
          evict_every: int | None = None) -> bool:
-    """Whether ``policy`` can run at this budget (``plan_budget`` accepts it). A fraction needs ``context``."""
+    """Whether ``policy`` can run at this budget (``plan_budget`` accepts it). Without ``context`` the
+    budget is a number of tokens (an int); a fraction needs ``context``. Bad input raises, it is not "no"."""
     if context is None:
-        if isinstance(budget, float):
-            raise ValueError("fits() with a fractional budget needs the context length of each row (context=...).")
+        for b in (budget if isinstance(budget, (list, tuple)) else [budget]):
+            if b is not None:
+                _check_tokens(b, hint="or a fraction in (0, 1] together with context=[tokens of each row]")
         context = 0
     try:
         plan_budget(policy, budget, context=context, moment=moment, chunk=chunk, evict_every=evict_every)
-    except ValueError:
+    except NoRoom:
         return False
     return True
 
@@ -765,8 +806,12 @@ def evicting(model: nn.Module, policy="full", budget: int | Sequence[int] | None
                          "the budget).")
     every = policy.evict_every if evict_every is None else evict_every
     if budget is not None:
-        for b in ([budget] if isinstance(budget, int) else list(budget)):
-            plan_budget(policy, int(b), context=0, moment=moment, chunk=1, evict_every=every)
+        per_row = isinstance(budget, (list, tuple))
+        for b in (list(budget) if per_row else [budget]):
+            _check_tokens(b)
+        budget = [int(b) for b in budget] if per_row else int(budget)
+        for b in (budget if per_row else [budget]):
+            plan_budget(policy, b, context=0, moment=moment, chunk=1, evict_every=every)
     base, layers = _check_model(model)
     cache = EvictingCache(len(layers), policy, budget, moment, every if moment == "decode" else 1, record)
     with _hooks(model, cache):
@@ -1001,8 +1046,7 @@ def generate_compressed(model: nn.Module, prefill: Prefill, settings: Sequence[t
     (up to ``max_rows`` rows per loop), so that the weights are read once per step for all of them. Every row
     gives what ``generate(..., moment="prompt", prefill=prefill)`` gives alone (tested). Returns one
     ``Generation`` per setting; with ``record``, ``kept`` holds the prompt positions each row kept."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: generate at least 1 new token.")
+    _check_steps(max_new_tokens, "max_new_tokens")
     real = prefill.real_tokens()
     plans = []
     for p, budget, draws in settings:  # every setting checked before any model work
@@ -1072,15 +1116,19 @@ def generate(model: nn.Module, input_ids: torch.Tensor, *, policy="full", budget
     """
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError("input_ids must be (batch, tokens) with at least one token.")
-    steps = force.shape[1] if force is not None else max_new_tokens
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r}: generate at least 1 new token (an int >= 1).")
-    if draws < 1:
-        raise ValueError(f"draws={draws} must be >= 1.")
+    if force is None:
+        _check_steps(max_new_tokens, "max_new_tokens")
+    elif force.ndim != 2 or force.shape[1] == 0:
+        raise ValueError("force must be (batch, tokens) with at least one token to teacher-force.")
+    if not isinstance(budget, (list, tuple)):  # one value per row: plan_budget checks each
+        check_budget_value(budget)
+    steps = force.shape[1] if force is not None else int(max_new_tokens)
+    if isinstance(draws, bool) or not isinstance(draws, numbers.Integral) or draws < 1:
+        raise ValueError(f"draws={draws!r} must be an int >= 1.")
     pol = get_policy(policy)
     mask_in = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     real = mask_in.sum(1).tolist()
-    limit = getattr(model.config, "max_position_embeddings", None)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if limit is not None and max(real) + steps > limit:
         raise ValueError(f"The prompt ({max(real)} tokens) plus {steps} new tokens exceeds the model's "
                          f"context of {limit} tokens: shorten the prompt or generate fewer tokens.")
@@ -1326,15 +1374,15 @@ def retrieval_runs(model, tokenizer, items, settings: Sequence[tuple], *, answer
     """
     from .needle import is_correct
 
-    if not items:
-        raise ValueError("retrieval_runs() needs at least one needle item: build them with needle.needle_items().")
-    if answer_tokens < 1:
-        raise ValueError(f"answer_tokens={answer_tokens}: generate at least one token.")
+    if not len(items):
+        raise ValueError("retrieval_runs needs at least one item (got none): build them with "
+                         "needle.needle_items(...).")
+    _check_steps(answer_tokens, "answer_tokens")
     settings = [(p, b, m) for p, b, m in settings]
     for p, b, m in settings:  # every setting is checked before any model work
         if p != "oracle":
             plan_budget(p, b, context=[it.n_tokens + answer_tokens for it in items], moment=m, chunk=prefill_chunk)
-        elif m != "prompt" or not isinstance(b, int):
+        elif m != "prompt" or isinstance(b, bool) or not isinstance(b, numbers.Integral):
             raise ValueError("The oracle runs at the prompt moment with a token budget.")
     # one instance per policy name (instances given are used as they are): the prefill computes each one's
     # statistics once, for every budget
@@ -1424,8 +1472,11 @@ def retrieval_accuracy(model, tokenizer, items, *, policy="full", budget=None, m
     the answers, KV bytes at the end and the token budget of every item."""
     from .needle import is_correct
 
-    if not items:
-        raise ValueError("retrieval_accuracy() needs at least one needle item: build them with needle.needle_items().")
+    if not len(items):
+        raise ValueError("retrieval_accuracy needs at least one item (got none): build them with "
+                         "needle.needle_items(...).")
+    _check_steps(answer_tokens, "answer_tokens")
+    check_budget_value(budget)
     correct, answers, kv_bytes, budgets = [], [], 0, []
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
@@ -1474,14 +1525,10 @@ def reasoning_accuracy(model, tokenizer, prompts: Sequence[str], settings: Seque
 
     if not prompts:
         raise ValueError("reasoning_accuracy() needs at least one prompt.")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: generate at least one token.")
+    _check_steps(max_new_tokens, "max_new_tokens")
     for p, b in settings:
         get_policy(p)
-        if isinstance(b, float) and not 0 < b <= 1:
-            raise ValueError(f"budget={b}: a fraction of the full chain of thought must be in (0, 1].")
-        if not isinstance(b, float):
-            resolve_budget(b, 1)
+        check_budget_value(b)  # a float is a fraction of each problem's full chain of thought
     eos = tokenizer.eos_token_id
     n = len(prompts)
     batches = [list(range(i, min(n, i + batch_size))) for i in range(0, n, batch_size)]
@@ -1516,7 +1563,8 @@ def reasoning_accuracy(model, tokenizer, prompts: Sequence[str], settings: Seque
     # every budget resolved (and checked) before the evicting runs start
     plans = []
     for p, b in settings:
-        per = [round(b * (full["prompt_tokens"][i] + full["cot_tokens"][i])) if isinstance(b, float) else b
+        frac = b is not None and not isinstance(b, numbers.Integral)
+        per = [round(b * (full["prompt_tokens"][i] + full["cot_tokens"][i])) if frac else b
                for i in range(n)]
         for idx in batches:
             plan_budget(p, [per[i] for i in idx], context=[full["prompt_tokens"][i] + max_new_tokens for i in idx],

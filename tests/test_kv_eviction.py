@@ -5,6 +5,7 @@ row at a time; the shared prefill against separate runs; bad input refused befor
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -622,10 +623,12 @@ def test_bad_input_is_refused_before_any_model_work(tiny):
             kv.generate(tiny, ids, policy="h2o", budget=0)
         with pytest.raises(ValueError, match=r"ambiguous: 1 token or 100%"):
             kv.generate(tiny, ids, policy="h2o", budget=1)
-        with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\]"):
+        with pytest.raises(ValueError, match=r"a fraction of the context, and must be in \(0, 1\]"):
             kv.generate(tiny, ids, policy="h2o", budget=1.5)
-        with pytest.raises(TypeError, match="not a string"):
+        with pytest.raises(ValueError, match="is a string"):
             kv.generate(tiny, ids, policy="h2o", budget="0.5")
+        with pytest.raises(ValueError, match="is a string"):  # one budget per row: each is checked
+            kv.generate(tiny, ids, policy="h2o", budget=["0.5"])
         with pytest.raises(ValueError, match=r"no room to choose: it always keeps 4 sinks \(4 tokens\)"):
             kv.generate(tiny, ids, policy="streaming_llm", budget=4, moment="prompt")
         with pytest.raises(ValueError, match=r"snapkv no room to choose: it always keeps 64 observation window"):
@@ -634,13 +637,13 @@ def test_bad_input_is_refused_before_any_model_work(tiny):
             kv.generate(tiny, _ids(100), policy="h2o", budget=60, moment="decode")
         with pytest.raises(ValueError, match="moment"):
             kv.generate(tiny, ids, policy="h2o", budget=8, moment="later")
-        with pytest.raises(ValueError, match="at least 1 new token"):
+        with pytest.raises(ValueError, match="max_new_tokens=0: give an int >= 1"):
             kv.generate(tiny, ids, policy="h2o", budget=8, max_new_tokens=0)
         with pytest.raises(ValueError, match="context of 256"):
             kv.generate(tiny, _ids(250), policy="h2o", budget=8, max_new_tokens=10)
-        with pytest.raises(ValueError, match="needs at least one needle item"):
+        with pytest.raises(ValueError, match=r"at least one item \(got none\)"):
             kv.retrieval_accuracy(tiny, None, [])
-        with pytest.raises(ValueError, match="needs at least one needle item"):
+        with pytest.raises(ValueError, match=r"at least one item \(got none\)"):
             kv.retrieval_runs(tiny, None, [], [])
         with pytest.raises(ValueError, match="Llama-style attention"):
             with kv.evicting(torch.nn.Linear(2, 2), "h2o", 8):
@@ -649,6 +652,45 @@ def test_bad_input_is_refused_before_any_model_work(tiny):
     finally:
         handle.remove()
     assert not any(tiny._forward_pre_hooks.values())
+
+
+
+def test_retrieval_accuracy_without_items_says_how_to_build_them():
+    with pytest.raises(ValueError, match=r"at least one item \(got none\).*needle\.needle_items"):
+        kv.retrieval_accuracy(None, None, [])  # refused before the model or the tokenizer is touched
+
+
+def test_max_new_tokens_below_one_is_refused_before_the_model():
+    for n in (0, -3):
+        with pytest.raises(ValueError, match=f"max_new_tokens={n}: give an int >= 1"):
+            kv.generate(None, _ids(10), max_new_tokens=n)  # no model: the check comes first
+    with pytest.raises(ValueError, match="answer_tokens=0: give an int >= 1"):
+        kv.retrieval_accuracy(None, None, [object()], answer_tokens=0)
+
+
+def test_string_bool_nan_and_one_token_budgets_are_refused_before_the_model():
+    cases = [("0.5", r"is a string: give a number of tokens \(int >= 2\) or a fraction of the context in \(0, 1\]"),
+             (True, "is a bool"), (False, "is a bool"), (float("nan"), "budget=nan"),
+             (1, "1 token.*give 1.0 to keep the whole context"), (0, "must be >= 2"), (-4, "must be >= 2"),
+             (0.0, r"must be in \(0, 1\]"), (1.5, r"fraction of the context, and must be in \(0, 1\]\.$"),
+             (16.0, "give the int 16"), (float("inf"), r"must be in \(0, 1\]\.$"), ([8], "is not a number")]
+    for budget, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            kv.resolve_budget(budget, 30)
+        with pytest.raises(ValueError, match=msg):  # generate also takes one budget per row: each is checked
+            kv.generate(None, _ids(10), policy="h2o", budget=[budget] if isinstance(budget, list) else budget)
+        with pytest.raises(ValueError, match=msg):
+            kv.retrieval_accuracy(None, None, [object()], policy="h2o", budget=budget)
+    for bad in ("16", True, 0.5):  # these take tokens: an int
+        with pytest.raises(ValueError, match="not a number of tokens: give an int"):
+            kv.fits("h2o", bad, "decode")
+        with pytest.raises(ValueError, match="not a number of tokens: give an int"):
+            with kv.evicting(None, "h2o", bad, "prompt"):
+                pass
+    # valid budgets keep their meaning: ints count tokens, floats are fractions of the context
+    assert [kv.resolve_budget(b, 30) for b in (None, 16, 2, 0.5, 1.0, 0.01)] == [None, 16, 2, 15, 30, 1]
+    assert kv.resolve_budget(np.int64(16), 30) == 16 and kv.resolve_budget(np.float64(0.5), 30) == 15
+    assert kv.fits("h2o", np.int64(16), "decode") == kv.fits("h2o", 16, "decode")
 
 
 # --------------------------------------------------------------------------- the notebook
