@@ -492,6 +492,10 @@ class EvictingLayer(DynamicLayer):
         self.state: dict = {}
         self.pending_q: torch.Tensor | None = None
         self.pending_valid: torch.Tensor | None = None
+        self._views: tuple | None = None  # (keys, values, positions, valid) as last appended, views of _bufs
+        self._bufs: list | None = None
+        self._capacity = 0
+        self.capacity: int | None = None  # slots to allocate (decode-time eviction: the budget)
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -503,10 +507,7 @@ class EvictingLayer(DynamicLayer):
         if self.positions is None:
             self.keys, self.values, self.positions, self.valid = key_states, value_states, pos, valid
         else:
-            self.keys = torch.cat([self.keys, key_states], dim=-2)
-            self.values = torch.cat([self.values, value_states], dim=-2)
-            self.positions = torch.cat([self.positions, pos], -1)
-            self.valid = torch.cat([self.valid, valid], -1)
+            self._append(key_states, value_states, pos, valid)
         if self.pending_q is not None:
             qpos = torch.arange(self.seen, self.seen + q, device=key_states.device)
             self.queries = self.pending_q if self.queries is None else torch.cat([self.queries, self.pending_q], 2)
@@ -514,6 +515,28 @@ class EvictingLayer(DynamicLayer):
             self.pending_q = None
         self.seen += q
         return self.keys, self.values
+
+    SPARE = 64  # slots reserved after the kept ones, so that decoding steps append in place
+
+    def _append(self, key_states, value_states, pos, valid) -> None:
+        """Append along the slots without copying the cache at every step: the four tensors are views of
+        buffers written in place while they have room. A buffer holds ``capacity`` slots when the cache
+        set one (decode-time eviction: the largest row budget, so memory never exceeds the budget), else
+        ``SPARE`` more than needed. Tensors assigned from outside (an eviction, a shared prefill) are never
+        written to: the first append copies them."""
+        new = (key_states, value_states, pos, valid)
+        cur = (self.keys, self.values, self.positions, self.valid)
+        n, q = cur[0].shape[-2], key_states.shape[-2]
+        views = self._views
+        if views is None or any(a is not b for a, b in zip(cur, views)) or n + q > self._capacity:
+            cap = max(n + q, self.capacity) if self.capacity else n + q + self.SPARE
+            bufs = [c.new_empty(c.shape[:2] + (cap,) + c.shape[3:]) for c in cur]
+            for buf, c in zip(bufs, cur):
+                buf[:, :, :n] = c
+            self._bufs, self._capacity = bufs, cap
+        for buf, x in zip(self._bufs, new):
+            buf[:, :, n:n + q] = x
+        self.keys, self.values, self.positions, self.valid = self._views = tuple(buf[:, :, :n + q] for buf in self._bufs)
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -594,6 +617,10 @@ class EvictingCache(Cache):
         self.events: list[dict] = []  # one per eviction: tokens seen, kept (if record: positions per layer)
         self.evictions = 0  # tokens evicted, summed over layers and rows (per KV head)
         self.scoring_seconds = 0.0
+        if moment == "decode" and budget is not None and not policy.keeps_everything:
+            cap = budget if isinstance(budget, int) else max(budget)
+            for layer in self.layers:
+                layer.capacity = int(cap)
 
     def row_budgets(self, batch: int, device) -> torch.Tensor | None:
         if self.budget is None:
