@@ -329,6 +329,21 @@ class Oracle(Policy):
 
 POLICIES = {p.name: p for p in (FullCache, StreamingLLM, Recency, H2O, TOVA, TOVAPerHead, SnapKV, LazyEviction, Random)}
 
+# one look per policy in every figure: its own colour and its own marker (the baselines dotted and grey/black,
+# TOVA's per-head variant dashed in a colour of its own)
+POLICY_STYLES = {
+    "full": dict(color="k", ls="--", marker=""),
+    "recency": dict(color="k", ls=":", marker="h"),
+    "random": dict(color="0.55", ls=":", marker="x"),
+    "streaming_llm": dict(color="C0", ls="-", marker="o"),
+    "h2o": dict(color="C1", ls="-", marker="s"),
+    "tova": dict(color="C2", ls="-", marker="^"),
+    "tova_per_head": dict(color="C6", ls="--", marker="v"),
+    "snapkv": dict(color="C3", ls="-", marker="D"),
+    "lazy_eviction": dict(color="C4", ls="-", marker="P"),
+    "oracle": dict(color="C7", ls="none", marker="*"),
+}
+
 
 def get_policy(policy) -> Policy:
     """A policy instance from a name (``"h2o"``) or an instance."""

@@ -693,6 +693,14 @@ def test_string_bool_nan_and_one_token_budgets_are_refused_before_the_model():
     assert kv.fits("h2o", np.int64(16), "decode") == kv.fits("h2o", 16, "decode")
 
 
+def test_every_policy_has_its_own_colour_and_marker():
+    named = [n for n in kv.POLICIES if n != "full"] + ["oracle"]
+    assert set(kv.POLICY_STYLES) == set(kv.POLICIES) | {"oracle"}
+    looks = [(kv.POLICY_STYLES[n]["color"], kv.POLICY_STYLES[n]["marker"]) for n in named]
+    assert len({c for c, _ in looks}) == len(named) and len({m for _, m in looks}) == len(named)
+    assert kv.POLICY_STYLES["tova"]["color"] != kv.POLICY_STYLES["tova_per_head"]["color"]
+
+
 # --------------------------------------------------------------------------- the notebook
 
 
