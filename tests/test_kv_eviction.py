@@ -476,6 +476,43 @@ def test_each_row_keeps_its_own_budget_resolved_from_its_real_tokens(tiny):
             policy="snapkv", budget=0.5, moment="prompt", max_new_tokens=10)
 
 
+def _cat_append(self, k, v, pos, valid):  # the straightforward append: a new tensor at every step
+    self.keys, self.values = torch.cat([self.keys, k], -2), torch.cat([self.values, v], -2)
+    self.positions, self.valid = torch.cat([self.positions, pos], -1), torch.cat([self.valid, valid], -1)
+
+
+@pytest.mark.parametrize("moment", ["prompt", "decode"])
+def test_appending_in_place_keeps_what_concatenating_keeps(tiny, moment, monkeypatch):
+    a, b = _ids(40, seed=21), _ids(29, seed=22)
+    batch, mask = _padded(a, b)
+    policies = [kv.H2O(), kv.TOVA(), kv.SnapKV(window=8), kv.LazyEviction(observation_window=4), kv.StreamingLLM(),
+                kv.FullCache()]
+
+    def runs():
+        out = []
+        for p in policies:
+            for budget in (12, 24):
+                if not kv.fits(p, budget, moment, chunk=4):
+                    continue
+                g = kv.generate(tiny, batch, attention_mask=mask, policy=p, budget=budget, moment=moment,
+                                max_new_tokens=9, prefill_chunk=4, record=True)
+                out.append((p.name, budget, g.tokens, g.kept, g.kept_valid, [e["kept"] for e in g.events]))
+        return out
+
+    fast = runs()
+    monkeypatch.setattr(kv.EvictingLayer, "_append", _cat_append)
+    plain = runs()
+    assert len(fast) == len(plain) >= 8
+    for x, y in zip(fast, plain):
+        assert x[:2] == y[:2] and torch.equal(x[2], y[2]) and torch.equal(x[3], y[3]) and torch.equal(x[4], y[4])
+        assert x[5] == y[5], x[:2]
+    with kv.evicting(tiny, "tova", 12, "decode") as cache:  # decode-time: never more storage than the budget
+        _feed(tiny, _ids(30), cache, prompt=8)
+    for layer in cache.layers:
+        b_, h_, _, d_ = layer.keys.shape
+        assert layer.keys.untyped_storage().nbytes() <= 12 * b_ * h_ * d_ * layer.keys.element_size()
+
+
 def test_a_shared_prefill_gives_what_separate_runs_give(tiny):
     a, b = _ids(40, seed=17), _ids(33, seed=18)
     batch, mask = _padded(a, b)
