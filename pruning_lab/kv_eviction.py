@@ -1633,3 +1633,74 @@ def reasoning_accuracy(model, tokenizer, prompts: Sequence[str], settings: Seque
         bar.close()
     full["accuracy"] = sum(full["correct"]) / n
     return {"full": full, "runs": runs}
+
+
+# --------------------------------------------------------------------------- a run's rows, verdicts and words
+# (what notebook 04 reads its tables and conclusions with: lookups and wording, no model work)
+
+_VERDICT_MARK = {"A better": "better", "B better": "worse", "within noise": "within noise", "too few pairs": "too few items"}
+
+
+def run_of(runs: Sequence[dict], policy: str, moment: str, budget) -> dict | None:
+    """The row of ``runs`` for (policy, moment, budget), or None."""
+    return next((r for r in runs if (r["policy"], r["moment"], r["budget"]) == (policy, moment, budget)), None)
+
+
+def paired_verdict(a: dict, b: dict, mask, test: Callable) -> dict:
+    """``test`` (``stats.paired`` or ``stats.paired_binary``) of two rows' per-item ``retrieval_correct`` on
+    the items where ``mask`` is True, as one verdict record (A = ``a``, B = ``b``)."""
+    import numpy as np
+
+    mask = np.asarray(mask, bool)
+    x, y = np.array(a["retrieval_correct"], float)[mask], np.array(b["retrieval_correct"], float)[mask]
+    v = test(x, y)
+    return dict(a=a["policy"], a_moment=a["moment"], b=b["policy"], b_moment=b["moment"], budget=a.get("budget"),
+                items=int(mask.sum()), verdict=v["verdict"], p_value=v["p_value"], test=v["test"],
+                mean_difference=v["mean_difference"], a_only=v.get("a_only"), b_only=v.get("b_only"))
+
+
+def find_verdict(verdicts: Sequence[dict], a: str, b: str, budget, a_moment: str = "prompt",
+                 b_moment: str = "prompt") -> dict | None:
+    """The verdict of ``a`` (at ``a_moment``) against ``b`` at ``budget``, or None."""
+    key = (a, b, budget, a_moment, b_moment)
+    return next((v for v in verdicts if (v["a"], v["b"], v["budget"], v["a_moment"], v["b_moment"]) == key), None)
+
+
+def verdict_mark(v: dict) -> str:
+    """A verdict in a table cell: "better (p = 0.002)", "worse", "within noise (p = 0.5)", "too few items"."""
+    word = _VERDICT_MARK[v["verdict"]]
+    p = v["p_value"]
+    return f"{word} (p = {p:.2g})" if p is not None and p == p else word
+
+
+def verdict_word(v: dict, a: str, b: str) -> str:
+    """A verdict in a sentence, naming the better side: "<a> better", "<b> better", "within noise"."""
+    return {"A better": f"{a} better", "B better": f"{b} better", "within noise": "within noise",
+            "too few pairs": "too few items to test"}[v["verdict"]]
+
+
+def accuracy_cell(r: dict | None) -> str:
+    """A row's accuracy on all items · on the facts outside the recency window, "(no room)" when it had none."""
+    if r is None:
+        return "—"
+    out = f"{r['accuracy_outside']:.0%}" if r["accuracy_outside"] is not None else "—"
+    s = f"{r['retrieval_accuracy']:.0%} · {out}"
+    return s if r["room_to_choose"] else s + " (no room)"
+
+
+def free_cell(policy, budget: int, moment: str, chunk: int = DECODE_CHUNK) -> str:
+    """The free slots of ``policy`` at ``budget`` for a table, marked when under half the budget."""
+    f = free_slots(policy, budget, moment, chunk=chunk)
+    return f"{f}" if f >= budget / 2 else f"**{f}: no room to choose**"
+
+
+def recurrence_words(v: dict) -> str:
+    """What a paired test of recurrence against its time-shuffled null says, in words (with the test)."""
+    words = {"A better": "more returns than the shuffled null, so they are a matter of timing",
+             "B better": "fewer returns than the shuffled null: attention is persistent, and what returns is mostly "
+                         "what a head attends to often",
+             "within noise": "no different from the shuffled null",
+             "too few pairs": "too few prompts to test"}[v["verdict"]]
+    if v["verdict"] == "too few pairs":
+        return words
+    return words + f" (paired Student t over {v['n']} prompts, p = {v['p_value']:.2g})"

@@ -738,6 +738,39 @@ def test_every_policy_has_its_own_colour_and_marker():
     assert kv.POLICY_STYLES["tova"]["color"] != kv.POLICY_STYLES["tova_per_head"]["color"]
 
 
+def test_the_notebooks_lookups_and_words_by_hand():
+    from pruning_lab.stats import paired_binary
+
+    runs = [dict(policy="tova", moment="prompt", budget=128, retrieval_correct=[1, 1, 1, 1, 1, 1, 0, 1],
+                 retrieval_accuracy=0.875, accuracy_outside=None, room_to_choose=True),
+            dict(policy="recency", moment="prompt", budget=128, retrieval_correct=[0, 0, 0, 0, 0, 0, 0, 1],
+                 retrieval_accuracy=0.125, accuracy_outside=0.0, room_to_choose=False)]
+    assert kv.run_of(runs, "tova", "prompt", 128) is runs[0] and kv.run_of(runs, "tova", "decode", 128) is None
+    # 6 items only tova answers, none only recency: exact McNemar p = 2 * 0.5**6 = 0.03125
+    v = kv.paired_verdict(runs[0], runs[1], [True] * 8, paired_binary)
+    assert (v["a"], v["b"], v["budget"], v["items"], v["a_only"], v["b_only"]) == ("tova", "recency", 128, 8, 6, 0)
+    assert v["verdict"] == "A better" and v["p_value"] == 0.03125 and v["mean_difference"] == 0.75
+    w = kv.paired_verdict(runs[0], runs[1], [True] * 6 + [False] * 2, paired_binary)  # the mask picks the items
+    assert w["items"] == 6 and w["a_only"] == 6 and w["p_value"] == 0.03125
+    assert kv.find_verdict([w, v], "tova", "recency", 128) is w and kv.find_verdict([v], "tova", "random", 128) is None
+    assert kv.find_verdict([v], "tova", "recency", 128, a_moment="decode") is None
+    assert kv.verdict_mark(v) == "better (p = 0.031)"
+    assert kv.verdict_mark(dict(verdict="B better", p_value=0.002)) == "worse (p = 0.002)"
+    assert kv.verdict_mark(dict(verdict="too few pairs", p_value=float("nan"))) == "too few items"
+    assert kv.verdict_word(v, "tova", "recency") == "tova better"
+    assert kv.verdict_word(dict(verdict="B better"), "decode-time", "prompt compression") == "prompt compression better"
+    assert kv.accuracy_cell(runs[0]) == "88% · —" and kv.accuracy_cell(runs[1]) == "12% · 0% (no room)"
+    assert kv.accuracy_cell(None) == "—"
+    # H2O with a quarter recent (no sinks): 128 - 32 recent = 96 free at the prompt moment; at decode time
+    # 128 - 32 - a 32-token chunk = 64, exactly half (room); 96 - 24 - 32 = 40, under half of 96 (no room)
+    h2o = kv.H2O(recent_ratio=0.25)
+    assert kv.free_cell(h2o, 128, "prompt") == "96" and kv.free_cell(h2o, 128, "decode", chunk=32) == "64"
+    assert kv.free_cell(h2o, 96, "decode", chunk=32) == "**40: no room to choose**"
+    assert kv.recurrence_words(dict(verdict="B better", n=3, p_value=0.0123)).endswith(
+        "(paired Student t over 3 prompts, p = 0.012)")
+    assert kv.recurrence_words(dict(verdict="too few pairs")) == "too few prompts to test"
+
+
 # --------------------------------------------------------------------------- the notebook
 
 
