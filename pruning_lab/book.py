@@ -65,7 +65,7 @@ def key_results(stem: str, r: dict) -> list[str]:
     if stem.startswith("03"):
         out = [f"dense perplexity {r['dense']['perplexity']:.1f} ({r['convention'].split(';')[0]})"]
         for p in r["flap_standardize"]["paired"]["adaptive-channels vs uniform"]:
-            out.append(f"FLAP adaptive vs uniform at {p['ratio']:.0%} removed: perplexity ×{p['ppl_ratio']:.2f} "
+            out.append(f"FLAP adaptive vs uniform at {p['ratio']:.0%} removed: perplexity ×{p['value_ratio']:.2f} "
                        f"({p['verdict'].replace('A better', 'adaptive better').replace('B better', 'uniform better')}, "
                        f"{p['n']} seeds)")
         return out

@@ -143,7 +143,8 @@ class LMComparison:
     ``measure(model)`` gives the parameters, the held-out perplexity and the prefill/decode tokens/s
     of ``model`` with their ratios to ``dense``. Speed depends only on the weights' shapes, so it is
     measured once per distinct set of shapes, each time right after timing ``dense`` again: a ratio
-    always compares two runs taken under the same machine load.
+    always compares two runs taken under the same machine load. ``record(model, **info)`` measures
+    and keeps the row, with ``info`` (what the model is), in ``rows``.
     """
 
     dense: nn.Module
@@ -154,6 +155,7 @@ class LMComparison:
     new_tokens: int = 16
     repeats: int = 2
     seed: int = 0
+    rows: list = field(default_factory=list, repr=False)
     _speeds: dict = field(default_factory=dict, repr=False)
 
     def perplexity(self, model: nn.Module) -> float:
@@ -170,6 +172,13 @@ class LMComparison:
             self._speeds[key] = dict(s, prefill_speedup=s["prefill_tokens_per_s"] / d["prefill_tokens_per_s"],
                                      decode_speedup=s["decode_tokens_per_s"] / d["decode_tokens_per_s"])
         return dict(params=count_parameters(model), perplexity=self.perplexity(model), **self._speeds[key])
+
+    def record(self, model: nn.Module, *, speed: bool = True, **info) -> dict:
+        """Measure ``model`` (``measure``; with ``speed=False`` only its parameters and perplexity) and append
+        ``info`` + the measurements to ``rows``; returns that row."""
+        row = self.measure(model) if speed else dict(params=count_parameters(model), perplexity=self.perplexity(model))
+        self.rows.append(dict(info, **row))
+        return self.rows[-1]
 
 
 # --------------------------------------------------------------------------- sizes

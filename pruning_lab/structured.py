@@ -752,7 +752,7 @@ def allocate_adaptive(units: list[LayerUnits], req: PlanRequest) -> dict[int, tu
 def plan_structured(model: nn.Module, calibration: Calibration | None, ratio: float, metric="flap", *,
                     layers=None, structure: str = "heads+mlp", allocation: str = "adaptive",
                     head_mode: str = "query", standardize: str = "units", min_keep: float = 0.05,
-                    clip_quantile: float = 1.0) -> StructuredPlan:
+                    clip_quantile: float = 1.0, uniform_layers=()) -> StructuredPlan:
     """Choose the heads and MLP channels to remove so that ``ratio`` of the model's parameters go:
     check the request → score → allocate → plan.
 
@@ -774,7 +774,22 @@ def plan_structured(model: nn.Module, calibration: Calibration | None, ratio: fl
     channels (a unit's z: the mean over its heads). MLP channels are standardised over the layer's
     channels either way. ``clip_quantile`` < 1 (adaptive only; ours, not FLAP's): channel scores are
     clipped at that quantile of their layer before they are standardised (see ``allocate_adaptive``).
+
+    ``uniform_layers`` (adaptive only; a diagnosis, not a method): these layers get the uniform plan's
+    heads and channels, every other layer keeps the adaptive choice, so the plan removes a little
+    less than ``ratio`` when the adaptive plan had made those layers narrower (chapter 3 gives layer 0
+    back its uniform width to see what its adaptive width costs).
     """
+    uniform_layers = tuple(uniform_layers)
+    if uniform_layers:
+        if allocation != "adaptive":
+            raise ValueError(f"uniform_layers={uniform_layers} only means something with allocation='adaptive' "
+                             f"(with {allocation!r} every layer already has the uniform width): drop it.")
+        n = len(decoder_layers(model))
+        bad = [i for i in uniform_layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n]
+        if bad:
+            raise ValueError(f"uniform_layers={uniform_layers}: {bad} are not decoder layers of this model "
+                             f"(0 to {n - 1}); give layer indices.")
     metric = get_metric(metric)
     req = check_request(model, ratio, metric, layers=layers, structure=structure, allocation=allocation,
                         head_mode=head_mode, standardize=standardize, min_keep=min_keep, clip_quantile=clip_quantile)
@@ -794,9 +809,15 @@ def plan_structured(model: nn.Module, calibration: Calibration | None, ratio: fl
         gone_kv = set(torch.cat(u.kv_heads[:heads_gone]).tolist()) if heads_gone and head_mode == "group" else set()
         kept_kv = torch.tensor([g for g in range(s.kv_heads) if g not in gone_kv], dtype=torch.long)
         plan.layers[u.layer] = LayerPlan(kept_q, kept_kv, u.channel_order[channels_gone:].sort().values)
+    if uniform_layers:
+        uniform = plan_structured(model, calibration, ratio, metric, layers=layers, structure=structure,
+                                  allocation="uniform", head_mode=head_mode, min_keep=min_keep)
+        for i in uniform_layers:
+            plan.layers[i] = uniform.layers[i]
     plan.info = {"metric": metric.name, "ratio": ratio, "layers": [req.layers.start, req.layers.stop],
                  "structure": structure, "allocation": allocation, "head_mode": head_mode,
-                 "standardize": standardize, "min_keep": min_keep, "clip_quantile": clip_quantile}
+                 "standardize": standardize, "min_keep": min_keep, "clip_quantile": clip_quantile,
+                 "uniform_layers": list(uniform_layers)}
     return plan
 
 

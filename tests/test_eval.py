@@ -203,3 +203,13 @@ def test_next_token_loss_by_hand():
     assert ev.next_token_loss(lm, ids).item() == pytest.approx(math.log(2))  # every next token is the predicted one
     wrong = torch.tensor([[0, 0, 0]])  # predicted 1, got 0: p = 1/4
     assert ev.next_token_loss(lm, wrong).item() == pytest.approx(math.log(4))
+
+
+def test_lm_comparison_record_keeps_what_the_model_is_beside_its_measurements():
+    table = torch.zeros(7, 7)
+    table[torch.arange(7), (torch.arange(7) + 1) % 7] = math.log(6.0)  # right token: prob 6/12 = 1/2
+    ids = torch.arange(70) % 7
+    compare = ev.LMComparison(TableLM(table), ids, seq_len=10, batch_size=2)
+    row = compare.record(TableLM(table), speed=False, method="hand", ratio=0.5)
+    assert row == {"method": "hand", "ratio": 0.5, "params": 49, "perplexity": pytest.approx(2.0)}
+    assert compare.rows == [row] and "prefill_speedup" not in row
