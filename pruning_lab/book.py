@@ -71,10 +71,14 @@ def key_results(stem: str, r: dict) -> list[str]:
         return out
     if stem.startswith("04"):
         out = [f"full cache: {pct(r['full']['retrieval_accuracy'])} of the retrieval items"]
-        for b in sorted({x["budget"] for x in r["runs"]}):
-            acc = [x["retrieval_accuracy"] for x in r["runs"] if x["budget"] == b and x["retrieval_accuracy"] is not None]
-            if acc:
-                out.append(f"best policy at {b:.0%} of the cache: {max(acc):.0%}")
+        for b in r["params"]["budgets"]:
+            rows = {x["policy"]: x for x in r["runs"] if x["moment"] == "prompt" and x["budget"] == b}
+            papers = [x for name, x in rows.items() if name not in ("recency", "random", "oracle")
+                      and x["accuracy_outside"] is not None]
+            if papers and "recency" in rows:
+                best = max(papers, key=lambda x: x["accuracy_outside"])
+                out.append(f"prompt compression to {b} tokens, facts outside the recency window: best {best['policy']} "
+                           f"{best['accuracy_outside']:.0%}, recency {rows['recency']['accuracy_outside']:.0%}")
         return out
     if stem.startswith("05"):
         f, g = r["finetune"], r["greedy_accuracy"]
