@@ -91,10 +91,14 @@ def prepare_smoke_copy(lab, stem: str) -> str:
     return src.name
 
 
-def drag(page, slider, fraction: float):
-    """Drag the slider's handle to ``fraction`` of its track, as a hand on a mouse would."""
+def drag(page, slider, fraction: float | None = None):
+    """Drag the slider's handle to ``fraction`` of its track, as a hand on a mouse would; by default to the far
+    end from where the handle stands (a chapter may start its slider at either end)."""
     track = slider.locator(".noUi-target, .noUi-base").first.bounding_box()
     handle = slider.locator(".noUi-handle").first.bounding_box()
+    if fraction is None:
+        at = (handle["x"] + handle["width"] / 2 - track["x"]) / track["width"]
+        fraction = 0.95 if at < 0.5 else 0.05
     page.mouse.move(handle["x"] + handle["width"] / 2, handle["y"] + handle["height"] / 2)
     page.mouse.down()
     page.mouse.move(track["x"] + fraction * track["width"], track["y"] + track["height"] / 2, steps=8)
@@ -128,7 +132,7 @@ def test_chapter_widget_redraws_its_output(stem, jupyterlab, browser, shots, tmp
             before = images.last.get_attribute("src") if images.count() else out.inner_html()
         shots(page, f"{stem}_widget_before")
         with shots.step(page, f"drag the slider of {stem}"):
-            drag(page, box.locator(".widget-slider").first, 0.05)
+            drag(page, box.locator(".widget-slider").first)
             page.wait_for_function("([el, old]) => { const i = el.querySelectorAll('img'); "
                                    "const now = i.length ? i[i.length - 1].src : el.innerHTML; return now !== old; }",
                                    arg=[out.element_handle(), before], timeout=90_000, polling=300)
