@@ -434,6 +434,17 @@ def completion_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, tar
     return F.cross_entropy(logits.float(), ids[rows, cols + 1])
 
 
+def _trim_memory() -> None:
+    """Give freed heap memory back to the system (glibc): batches of varying lengths otherwise fragment the heap and
+    a training run's resident memory creeps up by gigabytes."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -545,6 +556,8 @@ def sft(model: nn.Module, tokenizer, examples, hp: LoraHparams, *, folder: str |
             tokens += int(mask.sum())
         torch.nn.utils.clip_grad_norm_(list(params.values()), hp.max_grad_norm)
         opt.step()
+        del micro
+        _trim_memory()
         seconds += time.perf_counter() - t0
         entry = {"step": step + 1, "loss": loss_sum, "lr": hp.lr_at(step), "tokens": tokens}
         if (step + 1) % eval_every == 0 or step + 1 == hp.steps:
