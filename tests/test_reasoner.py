@@ -266,3 +266,104 @@ def test_batched_generation_equals_one_by_one_greedy(tiny, tok):
     s1 = rs.generate(tiny, tok, prompts, max_new_tokens=5, temperature=1.0, seed=7)
     assert torch.equal(torch.random.get_rng_state(), state)
     assert s1 == rs.generate(tiny, tok, prompts, max_new_tokens=5, temperature=1.0, seed=7)
+
+
+# --------------------------------------------------------------------------- seeds (runs trained once, shipped in the repo)
+
+
+class _Fake(rs.CachedRun):
+    """A cached run without a model: a finished run is written by hand."""
+
+    kind = "fake"
+
+    def __init__(self, root, seeds, x=1):
+        self.spec, self.lora = {"x": x}, rs.LoraHparams()
+        super().__init__(root, progress=False)
+        self.seed_root = seeds
+
+    def finish(self, payload: bytes = b"weights") -> None:
+        self._check_folder()
+        (self.dir / "weights.safetensors").write_bytes(payload)
+        rs.write_json(self.dir / "metrics.json", {"hash": self.hash, "train_seconds": 60.0,
+                                                  "files": {"weights.safetensors": rs._sha256(self.dir / "weights.safetensors")}})
+
+
+def _seeded_pair(tmp_path, weights=True):
+    """A finished run with one cached result, written as a seed; and a fresh cache that sees the seed."""
+    made = _Fake(tmp_path / "made", None)
+    made.finish()
+    made.cached("answers", {"k": 1}, lambda: [1, 2, 3])
+    seed = rs.write_seed(made, tmp_path / "assets", weights=weights)
+    return made, seed, _Fake(tmp_path / "cache", tmp_path / "assets")
+
+
+def test_a_seed_is_verified_and_copied_into_an_empty_cache(tmp_path):
+    made, seed, fresh = _seeded_pair(tmp_path)
+    manifest = json.loads((seed / "seed.json").read_text())
+    assert seed == tmp_path / "assets" / "fake" / made.hash and manifest["hash"] == made.hash
+    assert set(manifest["files"]) == {"hparams.json", "metrics.json", "weights.safetensors",
+                                      f"results/answers-{rs.digest({'k': 1})}.json"}
+    assert not fresh.dir.exists()
+    m = fresh.metrics  # copied now, checksums verified
+    assert m is not None and m["train_seconds"] == 60.0 and (fresh.dir / "weights.safetensors").read_bytes() == b"weights"
+    assert fresh.cached("answers", {"k": 1}, lambda: pytest.fail("recomputed a seeded result")) == [1, 2, 3]
+    assert not list(fresh.dir.parent.glob(".seed-*"))  # no staging folder left behind
+    # another hyperparameter has another hash: no seed, nothing copied
+    assert _Fake(tmp_path / "cache", tmp_path / "assets", x=2).metrics is None
+
+
+def test_a_damaged_seed_is_refused_before_anything_is_copied(tmp_path):
+    _, seed, fresh = _seeded_pair(tmp_path)
+    w = seed / "weights.safetensors"
+    data = bytearray(w.read_bytes())
+    data[0] ^= 0x01  # one bit
+    w.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"damaged: weights.safetensors .*checksum.*Nothing was copied"):
+        fresh.metrics
+    assert not fresh.dir.exists()
+    # a seed whose manifest names another run is refused too
+    w.write_bytes(b"weights")
+    manifest = json.loads((seed / "seed.json").read_text())
+    (seed / "seed.json").write_text(json.dumps(manifest | {"hash": "0" * 16}))
+    with pytest.raises(ValueError, match="holds run '0000000000000000'"):
+        _Fake(tmp_path / "cache", tmp_path / "assets").metrics
+
+
+def test_a_seed_never_overwrites_a_finished_cache(tmp_path):
+    made, seed, _ = _seeded_pair(tmp_path)
+    mine = _Fake(tmp_path / "cache", None)  # trained here, other bytes (another machine's rounding)
+    mine.finish(b"mine")
+    mine.cached("answers", {"k": 2}, lambda: ["mine"])
+    again = _Fake(tmp_path / "cache", tmp_path / "assets")
+    assert again.metrics["files"]["weights.safetensors"] == rs._sha256(mine.dir / "weights.safetensors")
+    assert (mine.dir / "weights.safetensors").read_bytes() == b"mine"
+    # the seed's results belong to other weights: not added
+    assert not (mine.dir / "results" / f"answers-{rs.digest({'k': 1})}.json").exists()
+    assert again.cached("answers", {"k": 2}, lambda: pytest.fail("recomputed")) == ["mine"]
+
+
+def test_a_seed_without_weights_brings_results_and_the_training_record_only(tmp_path):
+    made, seed, fresh = _seeded_pair(tmp_path, weights=False)
+    assert "weights.safetensors" not in json.loads((seed / "seed.json").read_text())["files"]
+    assert fresh.cached("answers", {"k": 1}, lambda: pytest.fail("recomputed")) == [1, 2, 3]
+    assert fresh.metrics is None and fresh.training_record["train_seconds"] == 60.0
+    assert not (fresh.dir / "weights.safetensors").exists() and not (fresh.dir / "metrics.json").exists()
+    # an unfinished cache folder (hparams written, a checkpoint under way) gets the missing files, nothing replaced
+    part = _Fake(tmp_path / "cache2", None)
+    part._check_folder()
+    (part.dir / "results").mkdir()
+    (part.dir / "results" / f"answers-{rs.digest({'k': 1})}.json").write_text('{"key": {"k": 1}, "value": ["here"]}')
+    late = _Fake(tmp_path / "cache2", tmp_path / "assets")
+    assert late.cached("answers", {"k": 1}, lambda: pytest.fail("recomputed")) == ["here"]
+    assert late.training_record["train_seconds"] == 60.0
+
+
+def test_seeds_can_be_switched_off(tmp_path, monkeypatch):
+    _seeded_pair(tmp_path)
+    monkeypatch.setenv("PRUNING_LAB_SEEDS", "none")
+    assert rs.seed_root() is None
+    run = _Fake(tmp_path / "cache", None)
+    assert run.seed_dir is None and run.metrics is None
+    monkeypatch.setenv("PRUNING_LAB_SEEDS", str(tmp_path / "assets"))
+    assert _Fake(tmp_path / "cache", None).metrics is not None
+
