@@ -8,7 +8,7 @@ re-checking values, trying detours, summing up), cached like the lottery levels.
 The API a notebook uses (chapter 4 reuses it)::
 
     from pruning_lab import reasoner as rs
-    model, tok = rs.load_reasoner(rs.CLASSROOM)          # trained once (~10 min on 2 cores), then cached
+    model, tok = rs.load_reasoner(rs.CLASSROOM)          # from the repo's seed (trained once: ~35 min on 2 idle cores)
     problems = rs.make_problems(50, split="heldout")      # never seen in training (disjoint by construction)
     text = rs.prompt(tok, problems[0])                    # the chat prompt ("verbose" style)
     outs = rs.solve(model, tok, problems)                 # greedy CoTs, parsed answers, correctness, tokens
@@ -986,7 +986,8 @@ SMOKE = ReasonerHparams(lora=LoraHparams(steps=2, batch_size=2, warmup=1))
 def load_reasoner(hp: ReasonerHparams = CLASSROOM, *, root: str | Path | None = None, train: bool = True,
                   progress: bool = True) -> tuple[nn.Module, object]:
     """``(model, tokenizer)`` of the reasoner of ``hp``: loaded from the cache, or trained first (``CLASSROOM``:
-    ~10 min on 2 idle cores) and cached. The model is an ordinary ``LlamaForCausalLM`` in eval mode."""
+    ~35 min on 2 idle cores; copied from the repository's seed in assets/ when there is one) and cached. The model
+    is an ordinary ``LlamaForCausalLM`` in eval mode."""
     return ReasonerRun(hp, root, progress=progress).load(train=train)
 
 

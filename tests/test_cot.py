@@ -407,3 +407,61 @@ def test_notebook_smoke_run(smoke_runs):
     assert par["early"]["tokens"] > 0 and set(par["vote"]) == {str(k) for k in range(1, par["n"] + 1)}
     figs = nb_path.parent / "results" / "figures" / "05_cot_pruning"
     assert {"reasoner_training.png", "students.png", "parallel.png"} <= {p.name for p in figs.iterdir()}
+
+
+def _committed():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = json.loads((root / "results" / "05_cot_pruning.json").read_text())
+    nb = json.loads((root / "notebooks" / "05_cot_pruning.ipynb").read_text())
+    return root, r, nb
+
+
+def test_committed_run_matches_its_rendered_conclusion():
+    """notebooks/05's conclusions are rendered from its results; this checks the committed classroom run: the claims'
+    sizes (>= 50 held-out problems, >= 100 random draws, >= 20 parallel problems), a reasoner in the issue's range,
+    every recorded verdict equal to the noise test recomputed from the recorded per-problem outcomes, and the rendered
+    text being the recorded one."""
+    from pruning_lab.stats import paired, paired_binary
+
+    _, r, nb = _committed()
+    p = r["params"]
+    assert p["reasoner"] == "classroom" and p["n_heldout"] >= 50 and p["random_draws"] >= 100
+    assert p["parallel_problems"] >= 20
+    n = p["n_heldout"]
+    rz = r["reasoner"]
+    assert rz["n"] == n == len(rz["cot_correct"]) == len(rz["answer_correct"]) == len(r["base"]["cot_correct"])
+    assert rz["cot_accuracy"] == pytest.approx(sum(rz["cot_correct"]) / n)
+    assert rz["answer_accuracy"] == pytest.approx(sum(rz["answer_correct"]) / n)
+    v = paired_binary(rz["cot_correct"], rz["answer_correct"])
+    assert v["verdict"] == rz["cot_vs_answer"]["verdict"] == "A better"  # the CoT is clearly better (exact McNemar)
+    assert v["p_value"] == pytest.approx(rz["cot_vs_answer"]["p_value"])
+    assert 0.4 <= rz["cot_accuracy"] <= 0.9  # issue 21: a model that reasons, not one that saturates
+
+    d = r["distill"]
+    assert set(d["accuracy"]) == {"unpruned", "asap", "random", d["rival"]} and d["steps"] == p["distill_steps"]
+    for name, acc in d["accuracy"].items():
+        assert len(d["correct"][name]) == len(d["cot_tokens"][name]) == n
+        assert acc == pytest.approx(sum(d["correct"][name]) / n)
+        assert d["mean_cot_tokens"][name] == pytest.approx(sum(d["cot_tokens"][name]) / n)
+    for key, t in d["tests"].items():
+        a, b = key.split(" vs ")
+        acc, toks = paired_binary(d["correct"][a], d["correct"][b]), paired(d["cot_tokens"][a], d["cot_tokens"][b])
+        assert acc["verdict"] == t["accuracy"]["verdict"] and toks["verdict"] == t["tokens"]["verdict"], key
+        assert toks["mean_difference"] == pytest.approx(t["tokens"]["mean_difference"])
+
+    pa = r["parallel"]
+    assert pa["problems"] == len(pa["correct"]["early"]) >= 20
+    assert pa["early"]["accuracy"] == pytest.approx(sum(pa["correct"]["early"]) / pa["problems"])
+    for key, other in (("early_vs_all", str(pa["n"])), ("early_vs_equal_spend", str(pa["k_equal_spend"]))):
+        assert paired_binary(pa["correct"]["early"], pa["correct"][other])["verdict"] == pa[key]["verdict"]
+
+    g = r["grading"]
+    assert g["random_draws"] >= 100 and g["traces"] >= 20
+    for name, v in g["vs_random"].items():
+        assert paired(g["auc_per_trace"][name], g["auc_per_trace"]["random"])["verdict"] == v["verdict"], name
+
+    rendered = [o for c in nb["cells"] if c["cell_type"] == "code" and "rec.record(conclusions=lines)" in "".join(c["source"])
+                for o in c["outputs"] if "text/markdown" in o.get("data", {})]
+    assert len(rendered) == 1 and "".join(rendered[0]["data"]["text/markdown"]) == "\n".join(r["conclusions"])

@@ -367,3 +367,19 @@ def test_seeds_can_be_switched_off(tmp_path, monkeypatch):
     monkeypatch.setenv("PRUNING_LAB_SEEDS", str(tmp_path / "assets"))
     assert _Fake(tmp_path / "cache", None).metrics is not None
 
+
+def test_the_committed_seeds_verify_and_name_their_runs():
+    """The repository's seeds (assets/): every file matches its checksum, and the folder is the run its hparams hash to
+    (a seed that no run asks for would be dead weight in git)."""
+    root = rs.SEED_ROOT
+    seeds = sorted(root.glob("*/*/seed.json")) if root.is_dir() else []
+    assert seeds, "no seed in assets/: chapter 5's classroom run would train for an hour in CI"
+    for manifest_path in seeds:
+        folder, manifest = manifest_path.parent, json.loads(manifest_path.read_text())
+        assert manifest["hash"] == folder.name and manifest["kind"] == folder.parent.name
+        for name, digest in manifest["files"].items():
+            assert rs._sha256(folder / name) == digest, f"{folder / name}"
+        spec = json.loads((folder / "hparams.json").read_text())
+        assert rs.digest({"spec": spec, "trace_version": rs.TRACE_VERSION}) == folder.name
+    classroom = rs.ReasonerRun(rs.CLASSROOM)
+    assert (root / "reasoner" / classroom.hash / "weights.safetensors").is_file()
