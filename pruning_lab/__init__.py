@@ -7,6 +7,9 @@ One file per concept:
 - ``train``     a tensor-only training loop (no DataLoader) with a per-step hook for masks.
 - ``eval``      accuracy, perplexity, tokens/s, bytes.
 - ``workbook``  results JSON, figures, and rerunning notebooks with papermill.
+- ``params``    parameter values (one rule for -p and YAML) and the ranges each notebook declares, checked before a run.
+- ``sweep``     many papermill runs of one notebook on Dask, each run identified by its content.
+- ``__main__``  the command line, ``python -m pruning_lab ...`` (on top: nothing imports it).
 - ``magnitude`` the mask vocabulary; global / layer-wise / ERK magnitude pruning (chapter 01).
 - ``lottery``   iterative magnitude pruning with rewinding, resumable runs (chapter 02).
 - ``structured`` heads, MLP channels and layers sliced out of a Llama-style LLM (chapter 03).

@@ -1,7 +1,12 @@
-"""Atomic file writes: a reader never sees a half-written file, an interrupted writer loses nothing."""
+"""Atomic file writes: a reader never sees a half-written file, an interrupted writer loses nothing.
+
+Everything written here gets the permissions an ordinary ``open()`` would give under the user's umask
+(``tempfile`` creates its files 0600 and its folders 0700, which a shared classroom machine cannot read).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -9,6 +14,32 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+
+def umask() -> int:
+    """The process's umask, read without changing it (Linux), else by setting and restoring it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | os.PathLike) -> None:
+    """Give a file made by ``tempfile`` (0600) or a folder (0700), and everything inside that folder, the
+    permissions an ordinary ``open()`` / ``mkdir()`` would have given: 0666 / 0777 minus the umask."""
+    mask = umask()
+    path = Path(path)
+    if path.is_dir():
+        for sub in path.rglob("*"):
+            os.chmod(sub, (0o777 if sub.is_dir() else 0o666) & ~mask)
+        os.chmod(path, 0o777 & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
 
 
 @contextmanager
@@ -27,6 +58,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        honour_umask(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -49,10 +81,21 @@ def plain(obj: Any) -> Any:
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented plain JSON, atomically (non-finite floats are written as null)."""
     text = json.dumps(plain(obj), indent=2, allow_nan=False) + "\n"
+    return write_text(path, text)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8), atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, as hex (about 1 s per GB here)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

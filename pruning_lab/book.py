@@ -1,6 +1,6 @@
 """The web edition: the committed, executed notebooks rendered to static HTML with nbconvert.
 
-``python -m pruning_lab.workbook book`` (or ``./lab book``) writes ``build/book/``: ``index.html`` (the
+``python -m pruning_lab book`` (or ``./lab book``) writes ``build/book/``: ``index.html`` (the
 chapter map from the README, each chapter's status and its key results read from ``results/*.json``)
 and one page per notebook, figures embedded, code cells folded into ``<details>``, links to the
 previous and next chapter. The pages need no Python and no network (no MathJax or require.js from a
@@ -65,16 +65,20 @@ def key_results(stem: str, r: dict) -> list[str]:
     if stem.startswith("03"):
         out = [f"dense perplexity {r['dense']['perplexity']:.1f} ({r['convention'].split(';')[0]})"]
         for p in r["flap_standardize"]["paired"]["adaptive-channels vs uniform"]:
-            out.append(f"FLAP adaptive vs uniform at {p['ratio']:.0%} removed: perplexity ×{p['ppl_ratio']:.2f} "
+            out.append(f"FLAP adaptive vs uniform at {p['ratio']:.0%} removed: perplexity ×{p['value_ratio']:.2f} "
                        f"({p['verdict'].replace('A better', 'adaptive better').replace('B better', 'uniform better')}, "
                        f"{p['n']} seeds)")
         return out
     if stem.startswith("04"):
         out = [f"full cache: {pct(r['full']['retrieval_accuracy'])} of the retrieval items"]
-        for b in sorted({x["budget"] for x in r["runs"]}):
-            acc = [x["retrieval_accuracy"] for x in r["runs"] if x["budget"] == b and x["retrieval_accuracy"] is not None]
-            if acc:
-                out.append(f"best policy at {b:.0%} of the cache: {max(acc):.0%}")
+        for b in r["params"]["budgets"]:
+            rows = {x["policy"]: x for x in r["runs"] if x["moment"] == "prompt" and x["budget"] == b}
+            papers = [x for name, x in rows.items() if name not in ("recency", "random", "oracle")
+                      and x["accuracy_outside"] is not None]
+            if papers and "recency" in rows:
+                best = max(papers, key=lambda x: x["accuracy_outside"])
+                out.append(f"prompt compression to {b} tokens, facts outside the recency window: best {best['policy']} "
+                           f"{best['accuracy_outside']:.0%}, recency {rows['recency']['accuracy_outside']:.0%}")
         return out
     if stem.startswith("05"):
         rz, d = r["reasoner"], r["distill"]

@@ -19,7 +19,8 @@ Scores that depend only on the unpruned prefix come from **one forward pass per 
 with exact token spans per step from the tokenizer's character offsets.
 
 Problems, traces, prompts and the answer checker live in ``pruning_lab.reasoner`` (the chapter's small reasoner).
-``load_jsonl`` reads GSM8K-style files (and labelled traces) exactly or refuses them. ``StudentRun`` distils pruned
+``load_jsonl`` reads GSM8K-style files, optionally with labelled steps (``file_trace`` turns those into a
+``Trace``), exactly or refuses them naming file:line. ``StudentRun`` distils pruned
 CoTs back into the reasoner (cached like the reasoner); ``sample_parallel`` + ``early_stop`` + ``vote_first`` are
 DeepPrune's parallel traces with every token counted.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,87 +43,126 @@ from .reasoner import ANSWER_PREFIX, Problem, Trace, make_problems, parse_final 
 
 # --------------------------------------------------------------------------- problems from a file
 
-_INT = re.compile(r"^\s*(-?(?:\d{1,3}(?:,\d{3})+|\d+))\s*$")
+
+_INTEGER = re.compile(r"[+-]?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)\.?")
+_LABELS = {"necessary": False, "redundant": True}
 
 
 def _exact_int(value, where: str) -> int:
-    """An answer read exactly: an int, or a string holding one integer (GSM8K: the text after the last "####";
-    thousands separators allowed). Anything else ("half of 5", "3.5", "5 or 6", true) is refused."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"{where}: the answer {value!r} is not an integer.")
-    if isinstance(value, int):
+    """``value`` as an integer when it is exactly one: an int (not a bool) as is; a string by the text after
+    its last ``####`` (GSM8K's final line), which must be one integer (optional sign, thousands separators
+    such as ``1,234``, an optional final period, surrounding whitespace). Anything else ("half of 5", "3.5",
+    "5 or 6", a bool, a float, None) raises ValueError naming ``where``."""
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
-    text = value.split("####")[-1]
-    m = _INT.match(text)
-    if not m:
-        raise ValueError(f"{where}: the answer {text.strip()[:40]!r} is not exactly one integer "
-                         "(write it as a number, e.g. \"#### 42\").")
-    return int(m.group(1).replace(",", ""))
+    if isinstance(value, str):
+        tail = value.rsplit("####", 1)[-1].strip()
+        if _INTEGER.fullmatch(tail):
+            return int(tail.rstrip(".").replace(",", ""))
+        shown = repr(tail if "####" in value else value)
+    else:
+        shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    raise ValueError(f"{where}: the answer {shown} is not exactly one integer "
+                     f"(write it as a number, e.g. \"#### 42\").")
+
+
+def _file_steps(row: dict, where: str, require_labels: bool) -> tuple[tuple[str, ...], tuple[bool, ...] | None]:
+    """The step texts and labels of one problem-file row (see ``load_jsonl``), checked."""
+    steps, labels, flags = row.get("steps"), row.get("labels"), row.get("redundant")
+    if labels is not None and flags is not None:
+        raise ValueError(f'{where}: give the labels once, as "labels" or as "redundant", not both.')
+    given = "labels" if labels is not None else "redundant" if flags is not None else None
+    if steps is None:
+        if given:
+            raise ValueError(f'{where}: "{given}" without "steps": labels need the step texts they label.')
+        if require_labels:
+            raise ValueError(f'{where}: no labelled steps ("steps" with "labels" or "redundant"), and labels '
+                             "are required here.")
+        return (), None
+    if not isinstance(steps, list) or len(steps) < 2:
+        raise ValueError(f'{where}: "steps" must be a list of at least two step texts.')
+    for k, text in enumerate(steps, 1):
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f'{where}: step {k} of "steps" is not a non-empty string.')
+        if re.search(SEGMENTERS["paragraph"], text.strip()):
+            raise ValueError(f"{where}: step {k} holds a blank line, but blank lines separate steps; "
+                             "split it into two steps or remove the blank line.")
+    if given is None:
+        if require_labels:
+            raise ValueError(f'{where}: "steps" without labels ("labels": "necessary"/"redundant" per step, '
+                             'or "redundant": true/false per step), and labels are required here.')
+        return tuple(steps), None
+    values = labels if given == "labels" else flags
+    if not isinstance(values, list):
+        raise ValueError(f'{where}: "{given}" must be a list, one entry per step.')
+    if len(values) != len(steps):
+        raise ValueError(f'{where}: {len(values)} "{given}" for {len(steps)} "steps": give one label per step.')
+    if given == "labels":
+        bad = [v for v in values if not (isinstance(v, str) and v in _LABELS)]
+        if bad:
+            raise ValueError(f'{where}: "labels" holds {bad[0]!r}: each label must be "necessary" or "redundant".')
+        return tuple(steps), tuple(_LABELS[v] for v in values)
+    bad = [v for v in values if not isinstance(v, bool)]
+    if bad:
+        raise ValueError(f'{where}: "redundant" holds {bad[0]!r}: each entry must be true or false.')
+    return tuple(steps), tuple(values)
 
 
 def load_jsonl(path: str | Path, *, require_labels: bool = False) -> list[Problem]:
-    """Problems from a JSONL file: one ``{"question": ..., "answer": ...}`` per line (GSM8K: the answer's last
-    line is ``#### 42``), optionally with a labelled trace: ``"steps": [texts]`` and ``"labels": ["necessary" |
-    "redundant", ...]`` (or ``"redundant": [booleans]``), one label per step. Answers are read exactly; a line that
-    cannot be read, steps without labels when ``require_labels``, or labels that do not match the steps are refused
-    with a one-line error naming the file and the line. Nothing is skipped silently."""
+    """Problems from a JSONL file, one JSON object a line (blank lines are ignored)::
+
+        {"question": "...", "answer": "... #### 42"}                       # GSM8K's format; or "answer": 42
+        {"question": "...", "answer": 42, "steps": ["...", "..."], "labels": ["necessary", "redundant"]}
+        {"question": "...", "answer": 42, "steps": ["...", "..."], "redundant": [false, true]}
+
+    The answer must be exactly one integer: an int, or a string whose text after its last ``####`` is one
+    integer (``1,234`` and a final period allowed); "half of 5", "3.5" or "5 or 6" are refused, not guessed.
+    ``steps`` (optional) are the texts of a worked trace, at least two, none holding a blank line; labels, one
+    per step, come as ``labels`` ("necessary"/"redundant") or ``redundant`` (booleans) and need ``steps``.
+    They fill ``Problem.trace_steps`` and ``Problem.redundant``; ``file_trace`` turns them into a ``Trace``.
+    With ``require_labels`` every line must carry labelled steps.
+
+    Nothing is skipped: the first line that breaks these rules raises ValueError naming ``file:line``; a
+    missing file raises FileNotFoundError, a file without any problem ValueError."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such problem file.")
+        raise FileNotFoundError(f"{path}: no such problem file (JSONL, one {{\"question\", \"answer\"}} a line).")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}).") from None
     problems = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         where = f"{path}:{i}"
         try:
             row = json.loads(line)
-        except ValueError as e:
-            raise ValueError(f"{where}: not a JSON object ({e.msg}).") from None
-        if not isinstance(row, dict) or not isinstance(row.get("question"), str) or "answer" not in row:
-            raise ValueError(f"{where}: each line needs a \"question\" (text) and an \"answer\".")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not JSON ({e.msg} at column {e.colno}).") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: not a JSON object (each line: {{\"question\": ..., \"answer\": ...}}).")
+        if not isinstance(row.get("question"), str) or not row["question"].strip():
+            raise ValueError(f'{where}: no "question" string (each line: {{"question": ..., "answer": ...}}).')
+        if "answer" not in row:
+            raise ValueError(f'{where}: no "answer" (each line: {{"question": ..., "answer": ...}}).')
         answer = _exact_int(row["answer"], where)
-        steps, labels = row.get("steps"), row.get("labels", row.get("redundant"))
-        if steps is None and labels is not None:
-            raise ValueError(f"{where}: labels without \"steps\".")
-        if steps is not None:
-            if not (isinstance(steps, list) and len(steps) >= 2 and all(isinstance(s, str) and s.strip() for s in steps)):
-                raise ValueError(f"{where}: \"steps\" must be a list of at least two non-empty texts.")
-            if any(re.search(r"\n\s*\n", s) for s in steps):
-                raise ValueError(f"{where}: a step contains a blank line (steps are separated by blank lines).")
-            if labels is None:
-                if require_labels:
-                    raise ValueError(f"{where}: the steps have no labels (\"labels\": [\"necessary\" | \"redundant\", "
-                                     "...], one per step).")
-                problems.append(Problem(row["question"], answer, trace_steps=tuple(s.strip() for s in steps)))
-                continue
-            if not isinstance(labels, list) or len(labels) != len(steps):
-                raise ValueError(f"{where}: {len(labels) if isinstance(labels, list) else 'no list of'} labels for "
-                                 f"{len(steps)} steps: give one label per step.")
-            red = []
-            for lab in labels:
-                if isinstance(lab, bool):
-                    red.append(lab)
-                elif lab in ("necessary", "redundant"):
-                    red.append(lab == "redundant")
-                else:
-                    raise ValueError(f"{where}: label {lab!r} is not \"necessary\" or \"redundant\" (or a boolean).")
-            problems.append(Problem(row["question"], answer, trace_steps=tuple(s.strip() for s in steps),
-                                    redundant=tuple(red)))
-        elif require_labels:
-            raise ValueError(f"{where}: no \"steps\" with \"labels\" (required here).")
-        else:
-            problems.append(Problem(row["question"], answer))
+        steps, redundant = _file_steps(row, where, require_labels)
+        problems.append(Problem(row["question"], answer, trace_steps=steps, redundant=redundant))
     if not problems:
-        raise ValueError(f"{path} holds no problem (each line: {{\"question\": ..., \"answer\": ...}}).")
+        raise ValueError(f"{path} holds no usable problem (each line: {{\"question\": ..., \"answer\": ...}}).")
     return problems
 
 
 def file_trace(problem: Problem) -> Trace:
-    """The labelled trace a problem file gave (its steps joined by blank lines)."""
+    """The trace a problem file gave (``load_jsonl`` with ``steps``): its steps joined by blank lines, the
+    problem's answer, and its labels (``redundant``; None when the file gave steps without labels)."""
     if not problem.trace_steps:
-        raise ValueError("This problem has no trace (its file line had no \"steps\").")
-    return Trace(problem.question, "\n\n".join(problem.trace_steps), problem.answer,
-                 list(problem.redundant) if problem.redundant is not None else None)
+        raise ValueError("file_trace needs a problem whose file gave its steps (load_jsonl with \"steps\" "
+                         "and \"labels\" on the line); for a generated problem use reasoner.verbose_trace.")
+    redundant = None if problem.redundant is None else list(problem.redundant)
+    return Trace(problem.question, "\n\n".join(problem.trace_steps), problem.answer, redundant)
 
 
 # --------------------------------------------------------------------------- segmentation
@@ -548,9 +589,11 @@ def _check_labels(enc_or_trace, labels=None) -> tuple[list[bool], int]:
         trace, n = enc_or_trace, len(segment(enc_or_trace.cot, "paragraph"))
     labels = trace.redundant if labels is None else labels
     if labels is None:
-        raise ValueError("This trace has no labels (redundant=None): grading needs one label per step.")
+        raise ValueError("Grading needs a labelled trace (its redundant is None): label it (reasoner.chain_labels), "
+                         "or use file_trace on a problem file with labelled steps.")
     if len(labels) != n:
-        raise ValueError(f"{len(labels)} labels for {n} steps: the labels do not belong to this segmentation.")
+        raise ValueError(f"The trace has {len(labels)} label(s) for {n} step(s): give one label per step of this "
+                         "segmentation.")
     return list(labels), n
 
 
@@ -559,9 +602,12 @@ def precision_recall(enc_or_trace, keep: list[int], labels: list[bool] | None = 
     removed steps that were redundant; recall = share of the redundant steps that were removed (1.0 when there is
     nothing to count). Refuses labels that do not match the steps, and kept indices that are not steps."""
     labels, n = _check_labels(enc_or_trace, labels)
-    if any(not isinstance(i, int) or not 0 <= i < n for i in keep):
-        raise ValueError(f"keep={keep!r} holds indices outside the {n} steps.")
-    removed = set(range(n)) - set(keep)
+    kept = set()
+    for i in keep:
+        if isinstance(i, bool) or not hasattr(i, "__index__") or not 0 <= operator.index(i) < n:
+            raise ValueError(f"keep holds {i!r}, not a step index of this trace (0 to {n - 1}).")
+        kept.add(operator.index(i))
+    removed = set(range(n)) - kept
     red = {i for i, r in enumerate(labels) if r}
     hit = len(removed & red)
     return (hit / len(removed) if removed else 1.0), (hit / len(red) if red else 1.0)

@@ -23,7 +23,6 @@ import torch
 
 from ._io import atomic_path
 
-FASHION_MNIST_DIR = Path(os.environ.get("PRUNING_LAB_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 FASHION_MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
@@ -35,8 +34,17 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
-PYTHON_DOCS_DIR = Path(os.environ.get("PRUNING_LAB_PYTHON_DOCS", "/usr/share/doc/python3.11/html/_sources"))
 HELDOUT_SECTIONS = ("tutorial",)
+
+
+def fashion_mnist_dir() -> Path:
+    """Where Fashion-MNIST is looked for first: ``$PRUNING_LAB_FASHION_MNIST`` or Debian's folder (read at call time)."""
+    return Path(os.environ.get("PRUNING_LAB_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
+
+
+def python_docs_dir() -> Path:
+    """The Python docs' reST sources: ``$PRUNING_LAB_PYTHON_DOCS`` or Debian's folder (read at call time)."""
+    return Path(os.environ.get("PRUNING_LAB_PYTHON_DOCS", "/usr/share/doc/python3.11/html/_sources"))
 
 
 def cache_dir(*parts: str) -> Path:
@@ -90,7 +98,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 
 def _find_fashion_mnist(root: Path | None) -> Path | None:
-    candidates = [root] if root is not None else [FASHION_MNIST_DIR, cache_dir("data", "fashion-mnist")]
+    candidates = [root] if root is not None else [fashion_mnist_dir(), cache_dir("data", "fashion-mnist")]
     for d in candidates:
         if d is not None and all((Path(d) / f).is_file() for f in FASHION_MNIST_FILES.values()):
             return Path(d)
@@ -130,7 +138,7 @@ def load_fashion_mnist(root: str | os.PathLike | None = None, *, download: bool 
     if folder is None and download and root is None:
         folder = _download_fashion_mnist()
     if folder is None:
-        where = root or FASHION_MNIST_DIR
+        where = root or fashion_mnist_dir()
         raise FileNotFoundError(
             f"Fashion-MNIST was not found in {where}. Install it with "
             "`sudo apt-get install dataset-fashion-mnist`, or put the four *-ubyte.gz files there "
@@ -248,7 +256,7 @@ def python_docs_corpus(root: str | os.PathLike | None = None) -> TextCorpus:
     Held out: every document under ``tutorial/`` (plain explanatory English with some code).
     Calibration: every other document (library reference, how-tos, FAQ, language reference...).
     """
-    root = Path(root) if root is not None else PYTHON_DOCS_DIR
+    root = Path(root) if root is not None else python_docs_dir()
     files = sorted(root.rglob("*.rst.txt")) if root.is_dir() else []
     if not files:
         raise FileNotFoundError(

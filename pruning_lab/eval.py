@@ -1,6 +1,11 @@
-"""Measuring tools every chapter uses: accuracy, perplexity, tokens/s, bytes.
+"""Measuring tools every chapter uses: accuracy, perplexity, next-token loss, tokens/s, bytes.
 
-Everything here runs under ``torch.inference_mode`` and restores the model's train/eval mode.
+Everything here that only measures runs under ``torch.inference_mode`` and restores the model's
+train/eval mode. Comparisons of two methods use the workbook's one noise test, ``pruning_lab.stats``
+(re-exported here as ``paired``, ``paired_text``, ``mean_std``): a paired two-sided Student t test at
+the 5% level (``stats.LEVEL``) on per-seed or per-item differences — "A better" / "B better" only when
+the 95% confidence interval of the mean difference excludes 0 — an exact McNemar test for yes/no
+outcomes, and no verdict at all below 3 pairs.
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+# the one noise test lives in stats; its names are re-exported here for the notebooks that import them
+from .stats import LEVEL, NOISE_TEST, mean_std, paired, paired_binary, paired_text  # noqa: F401
 
 
 @contextmanager
@@ -48,6 +56,13 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 # --------------------------------------------------------------------------- language models
+
+
+def next_token_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting token t+1 from tokens ≤ t over a batch of windows ``ids``
+    (n, seq_len), logits in float32; differentiable (call it under ``inference_mode`` to only measure)."""
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
 def perplexity(model: nn.Module, ids: torch.Tensor | str, tokenizer=None, *, seq_len: int = 512,
@@ -128,7 +143,8 @@ class LMComparison:
     ``measure(model)`` gives the parameters, the held-out perplexity and the prefill/decode tokens/s
     of ``model`` with their ratios to ``dense``. Speed depends only on the weights' shapes, so it is
     measured once per distinct set of shapes, each time right after timing ``dense`` again: a ratio
-    always compares two runs taken under the same machine load.
+    always compares two runs taken under the same machine load. ``record(model, **info)`` measures
+    and keeps the row, with ``info`` (what the model is), in ``rows``.
     """
 
     dense: nn.Module
@@ -139,6 +155,7 @@ class LMComparison:
     new_tokens: int = 16
     repeats: int = 2
     seed: int = 0
+    rows: list = field(default_factory=list, repr=False)
     _speeds: dict = field(default_factory=dict, repr=False)
 
     def perplexity(self, model: nn.Module) -> float:
@@ -155,6 +172,13 @@ class LMComparison:
             self._speeds[key] = dict(s, prefill_speedup=s["prefill_tokens_per_s"] / d["prefill_tokens_per_s"],
                                      decode_speedup=s["decode_tokens_per_s"] / d["decode_tokens_per_s"])
         return dict(params=count_parameters(model), perplexity=self.perplexity(model), **self._speeds[key])
+
+    def record(self, model: nn.Module, *, speed: bool = True, **info) -> dict:
+        """Measure ``model`` (``measure``; with ``speed=False`` only its parameters and perplexity) and append
+        ``info`` + the measurements to ``rows``; returns that row."""
+        row = self.measure(model) if speed else dict(params=count_parameters(model), perplexity=self.perplexity(model))
+        self.rows.append(dict(info, **row))
+        return self.rows[-1]
 
 
 # --------------------------------------------------------------------------- sizes
@@ -195,45 +219,3 @@ def cache_bytes(past_key_values) -> int:
         return sum(cache_bytes(x) for x in past_key_values)
     raise TypeError(f"Cannot measure a cache of type {type(past_key_values).__name__}.")
 
-
-# --------------------------------------------------------------------------- paired comparisons
-
-
-def paired(a, b, *, min_n: int = 3) -> dict:
-    """Compare two methods measured on the same items (seeds, prompts): differences ``a - b``.
-
-    Returns ``n``, the mean difference, its standard deviation and a verdict: ``"A better"`` or
-    ``"B better"`` only when there are at least ``min_n`` pairs and the mean difference exceeds twice
-    its standard error (|mean| > 2·std/√n, std with n − 1); otherwise ``"within noise"``.
-    """
-    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-    if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(f"paired() needs two 1-D sequences of equal length, got {tuple(a.shape)} and {tuple(b.shape)}.")
-    d = a - b
-    n = len(d)
-    mean = float(d.mean()) if n else float("nan")
-    std = float(d.std()) if n > 1 else float("nan")
-    verdict = "within noise"
-    if n >= min_n and abs(mean) > 2 * std / n ** 0.5:
-        verdict = "A better" if mean > 0 else "B better"
-    return {"n": n, "mean_difference": mean, "std_difference": std, "verdict": verdict}
-
-
-def mean_std(xs) -> tuple[float, float]:
-    """Mean and sample standard deviation (n − 1; 0 for one value) of a list of numbers."""
-    t = torch.as_tensor(list(xs), dtype=torch.float64)
-    if t.numel() == 0:
-        raise ValueError("mean_std() needs at least one value.")
-    return float(t.mean()), float(t.std()) if t.numel() > 1 else 0.0
-
-
-def paired_text(p: dict, a: str = "A", b: str = "B", *, scale: float = 100.0, digits: int = 2, unit: str = " pts",
-                marks: bool = False) -> str:
-    """``paired``'s result for a reader: ``"+0.65 ± 0.29 pts, ticket better"`` (or with ``marks`` the compact table
-    form ``"+0.65 ± 0.29 **+**"``: **+** / **−** beyond noise, ≈ within noise)."""
-    sd = "" if p["std_difference"] != p["std_difference"] else f" ± {scale * p['std_difference']:.{digits}f}"
-    number = f"{scale * p['mean_difference']:+.{digits}f}{sd}"
-    if marks:
-        return f"{number} " + {"A better": "**+**", "B better": "**−**", "within noise": "≈"}[p["verdict"]]
-    word = {"A better": f"{a} better", "B better": f"{b} better", "within noise": "within noise"}[p["verdict"]]
-    return f"{number}{unit}, {word}"

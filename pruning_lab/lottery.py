@@ -51,6 +51,7 @@ from .eval import evaluate
 from .magnitude import (Masks, apply_masks, global_magnitude_masks, keep_masked, masks_from_densities,
                         prunable_parameters, prune_remaining, random_masks)
 from .models import make_model
+from .stats import paired
 from .train import TrainConfig, train
 
 BASELINES = ("random_reinit", "random_mask", "one_shot")
@@ -704,12 +705,12 @@ def summary_from_sweep(path: str | Path) -> dict:
 
 
 def paired_by_level(summary: dict, a: str = "ticket", b: str = "dense", column: str = "accuracy") -> list[dict]:
-    """Per pruned level, ``eval.paired`` of ``a`` against ``b`` seed by seed (the same seed's runs share
-    θ_0 and the data order): ``a``/``b`` are ``ticket``, a baseline name, or ``dense`` (level 0's ticket);
+    """Per pruned level, the workbook's noise test (``stats.paired``: paired two-sided Student t at 5%,
+    no verdict below 3 seeds) of ``a`` against ``b`` seed by seed (the same seed's runs share θ_0 and
+    the data order): ``a``/``b`` are ``ticket``, a baseline name, or ``dense`` (level 0's ticket);
     ``column`` is ``accuracy`` (at early stop), ``final_accuracy`` or ``early_stop_iteration``.
-    Levels where either side was not measured are left out."""
-    from .eval import paired
-
+    Levels where either side was not measured are left out. ``level`` is the IMP level; the test's
+    significance level is ``alpha``."""
     dense = summary["levels"][0][f"ticket_{column}_per_seed"]
     out = []
     for lv in summary["levels"][1:]:
@@ -717,7 +718,9 @@ def paired_by_level(summary: dict, a: str = "ticket", b: str = "dense", column: 
         xb = dense if b == "dense" else lv.get(f"{b}_{column}_per_seed")
         if not xa or not xb or None in xa or None in xb:
             continue
-        out.append({"level": lv["level"], "weights_remaining": lv["weights_remaining"], **paired(xa, xb)})
+        test = paired(xa, xb)
+        test["alpha"] = test.pop("level")  # the test's significance level; "level" is the IMP level
+        out.append({**test, "level": lv["level"], "weights_remaining": lv["weights_remaining"]})
     return out
 
 

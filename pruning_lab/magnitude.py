@@ -15,13 +15,17 @@ A *mask* is ``dict[str, torch.BoolTensor]``: parameter name -> tensor of the par
 Exact counts: pruning a fraction ``s`` of ``N`` weights prunes ``round(s * N)`` of them, like
 ``torch.nn.utils.prune``; ties at the threshold are broken in parameter order, then index order.
 The global threshold is found by a two-pass radix select on the float bit patterns of ``|w|``,
-one layer at a time, so no concatenated copy of the scores is ever made.
+tensor by tensor, so no concatenated copy of the scores is ever made; the per-tensor work is spread
+over single-threaded workers, which keeps it fast when another process is using a core.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Callable, Iterable, Mapping
 
 import torch
@@ -79,62 +83,102 @@ def _check_sparsity(sparsity: float) -> None:
 
 
 # --------------------------------------------------------------------------- exact selection
+#
+# The k-th smallest |w| over many tensors without a global copy or a sort: a two-pass radix select on
+# the float32 bit patterns of |w| (for non-negative floats, the order of the bit patterns is the order
+# of the values). Pass 1 histograms the top 16 bits (sign cleared: exponent and 7 mantissa bits) of
+# every weight; the bucket holding the k-th value is then resolved by a histogram of the low 16 bits
+# of that bucket's few members. Each tensor costs a handful of whole-tensor operations.
+#
+# Threads. On a laptop something else always wants a core. Many short parallel regions (one per op and
+# per layer, each ending in a barrier) then wait for a thread the scheduler has parked: 210 layers took
+# 30-60x longer beside one busy process. So the per-tensor work runs with one intra-op thread and the
+# tensors are spread over a small pool of worker threads (as many as torch had intra-op threads): a
+# worker that is parked delays only its own tensor while the other keeps taking work, and no barrier
+# waits on it. The intra-op thread count is restored on exit.
 
 
-def _abs_bits(w: torch.Tensor) -> torch.Tensor:
-    """IEEE-754 bit patterns of |w| as int32: for non-negative floats their order is the values' order."""
-    return w.detach().float().view(torch.int32) & 0x7FFFFFFF
+@contextmanager
+def _tensor_workers():
+    """Yield ``pmap(fn, items) -> list``: ``fn`` over ``items`` on a pool of single-threaded workers
+    (CPU), or in order on this thread (CUDA, or torch set to one thread)."""
+    n = torch.get_num_threads()
+    if n <= 1:
+        yield lambda fn, items: [fn(x) for x in items]
+        return
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=n, thread_name_prefix="pruning_lab-masks") as pool:
+            def pmap(fn, items):
+                items = list(items)
+                if len(items) < 2 or any(_is_cuda(x) for x in items[:1]):
+                    return [fn(x) for x in items]
+                return list(pool.map(fn, items))
+
+            yield pmap
+    finally:
+        torch.set_num_threads(n)
 
 
-def _kth_smallest_abs(tensors: list[torch.Tensor], k: int) -> tuple[torch.Tensor, int]:
-    """The k-th smallest (1-based) |w| over all ``tensors`` and how many |w| lie strictly below it.
-
-    A two-pass radix select: pass 1 counts the top 16 bits of every bit pattern, pass 2 the low
-    16 bits inside the one bucket that holds the k-th value. Memory: one layer's temporaries,
-    never a global copy of the scores.
-    """
-    device = tensors[0].device
-    hist = torch.zeros(1 << 15, dtype=torch.long, device=device)
-    for w in tensors:
-        hist += torch.bincount((_abs_bits(w) >> 16).flatten(), minlength=1 << 15)
-    cum = hist.cumsum(0)
-    hi = int(torch.searchsorted(cum, torch.tensor(k, device=device)))
-    below = int(cum[hi - 1]) if hi > 0 else 0
-    hist_lo = torch.zeros(1 << 16, dtype=torch.long, device=device)
-    for w in tensors:
-        bits = _abs_bits(w).flatten()
-        hist_lo += torch.bincount(bits[(bits >> 16) == hi] & 0xFFFF, minlength=1 << 16)
-    lo = int(torch.searchsorted(hist_lo.cumsum(0), torch.tensor(k - below, device=device)))
-    threshold = torch.tensor((hi << 16) | lo, dtype=torch.int32).view(torch.float32)
-    return threshold, below + int(hist_lo[:lo].sum())
+def _is_cuda(x) -> bool:
+    t = x[0] if isinstance(x, tuple) else x
+    return isinstance(t, torch.Tensor) and t.is_cuda
 
 
-def _prune_smallest(tensors: list[torch.Tensor], n_prune: int) -> list[torch.Tensor]:
-    """Keep-masks that prune exactly the ``n_prune`` smallest |w| over ``tensors`` (ties in order)."""
+def _as_float32(w: torch.Tensor) -> torch.Tensor:
+    f = w.detach().reshape(-1)
+    return f if f.dtype == torch.float32 else f.float()
+
+
+def _high_bits(w: torch.Tensor) -> torch.Tensor:
+    """Top 16 bits of |w|'s float32 bit pattern as int16 in [0, 32767], flattened."""
+    f = _as_float32(w)
+    if sys.byteorder == "little":  # the high half of each float32 is its second int16: no shift, one pass
+        return f.view(torch.int16)[1::2] & 0x7FFF
+    return ((f.view(torch.int32) >> 16) & 0x7FFF).to(torch.int16)
+
+
+def _prune_smallest(tensors: list[torch.Tensor], n_prune: int, pmap=None) -> list[torch.Tensor]:
+    """Keep-masks that prune exactly the ``n_prune`` smallest |w| over ``tensors`` (ties at the threshold
+    pruned in tensor order, then index order). ``pmap`` spreads the per-tensor work (``_tensor_workers``)."""
     if n_prune <= 0:
         return [torch.ones_like(w, dtype=torch.bool) for w in tensors]
     total = sum(w.numel() for w in tensors)
     if n_prune >= total:
         return [torch.zeros_like(w, dtype=torch.bool) for w in tensors]
-    t, n_below = _kth_smallest_abs(tensors, n_prune)
-    t = t.to(tensors[0].device)
-    quota = n_prune - n_below  # how many of the ties at t must go, first layers first
-    masks = []
-    for w in tensors:
-        a = w.detach().float().abs()
-        if quota <= 0:  # every tie left is kept
-            masks.append(a >= t)
-            continue
-        m = a > t
-        ties = a == t
-        n_ties = int(ties.sum())
-        drop = min(quota, n_ties)
-        if drop < n_ties:  # keep the ties after the first `drop` of this layer
-            flat = ties.view(-1)
-            m.view(-1)[flat & (flat.cumsum(0) > drop)] = True
+    if pmap is None:
+        with _tensor_workers() as pm:
+            return _prune_smallest(tensors, n_prune, pm)
+
+    def pass1(w):
+        hi = _high_bits(w)
+        return hi, torch.bincount(hi, minlength=1 << 15)
+
+    first = pmap(pass1, tensors)
+    highs = [h for h, _ in first]
+    cum = torch.stack([c for _, c in first]).sum(0).cumsum(0)
+    hb = int(torch.searchsorted(cum, torch.tensor(n_prune, device=cum.device)))  # bucket of the k-th smallest
+    below = int(cum[hb - 1]) if hb > 0 else 0
+
+    def pass2(args):
+        w, hi = args
+        idx = (hi == hb).nonzero().view(-1)
+        return idx, _as_float32(w).view(torch.int32)[idx] & 0xFFFF  # low 16 bits of the bucket's members
+
+    bucket = pmap(pass2, list(zip(tensors, highs)))
+    lows = torch.cat([lo for _, lo in bucket])
+    cum_lo = torch.bincount(lows, minlength=1 << 16).cumsum(0)
+    lb = int(torch.searchsorted(cum_lo, torch.tensor(n_prune - below, device=cum_lo.device)))
+    quota = n_prune - below - (int(cum_lo[lb - 1]) if lb > 0 else 0)  # ties at the threshold still to prune
+
+    masks = pmap(lambda hi: hi > hb, highs)
+    for m, w, (idx, lo) in zip(masks, tensors, bucket):
+        m[idx[lo > lb]] = True
+        ties = idx[lo == lb]
+        drop = min(quota, len(ties))
+        m[ties[drop:]] = True  # the first `drop` ties of this tensor go, later ones stay
         quota -= drop
-        masks.append(m)
-    return masks
+    return [m.view(w.shape) for m, w in zip(masks, tensors)]
 
 
 # --------------------------------------------------------------------------- mask makers
@@ -161,6 +205,9 @@ def global_magnitude_masks(module: nn.Module, sparsity: float, *, min_per_layer:
     sizes = {n: p.numel() for n, p in params.items()}
     total = sum(sizes.values())
     n_prune = round(sparsity * total)
+    if n_prune >= total:
+        raise ValueError(f"sparsity={sparsity} rounds to pruning all {total:,} weights (round({sparsity} * {total:,}) = "
+                         f"{n_prune:,}), which leaves no network; keep at least one: sparsity <= {(total - 1) / total:.7g}.")
     if isinstance(min_per_layer, int):
         floors = {n: min(min_per_layer, s) for n, s in sizes.items()}
     else:
@@ -171,16 +218,16 @@ def global_magnitude_masks(module: nn.Module, sparsity: float, *, min_per_layer:
             f"{total - n_prune:,} that sparsity={sparsity} leaves: lower one of them."
         )
     fixed: dict[str, torch.Tensor] = {}  # layers held at their floor
-    with torch.no_grad():
+    with torch.no_grad(), _tensor_workers() as pmap:
         while True:
             free = [n for n in params if n not in fixed]
             budget = n_prune - sum(sizes[n] - floors[n] for n in fixed)
-            masks = dict(zip(free, _prune_smallest([params[n] for n in free], budget))) if free else {}
+            masks = dict(zip(free, _prune_smallest([params[n] for n in free], budget, pmap))) if free else {}
             violators = [n for n, m in masks.items() if int(m.sum()) < floors[n]]
             if not violators:
                 break
             for n in violators:
-                fixed[n] = _prune_smallest([params[n]], sizes[n] - floors[n])[0]
+                fixed[n] = _prune_smallest([params[n]], sizes[n] - floors[n], pmap)[0]
     masks.update(fixed)
     return {n: masks[n] for n in params}
 
@@ -188,16 +235,29 @@ def global_magnitude_masks(module: nn.Module, sparsity: float, *, min_per_layer:
 def masks_from_densities(module: nn.Module, densities: Mapping[str, float], include: Include = None) -> Masks:
     """Per-layer magnitude masks keeping ``round(density * n)`` largest weights of each layer."""
     params = prunable_parameters(module, include if include is not None else list(densities))
-    with torch.no_grad():
-        return {n: _prune_smallest([p], p.numel() - round(densities[n] * p.numel()))[0] for n, p in params.items()}
+    return _per_tensor(params, lambda n, p: p.numel() - round(densities[n] * p.numel()))
+
+
+def _per_tensor(params: Mapping[str, torch.Tensor], n_prune: Callable[[str, torch.Tensor], int]) -> Masks:
+    """``_prune_smallest`` of each tensor alone (``n_prune(name, tensor)`` of its smallest), tensors spread
+    over the workers."""
+    def one(item):
+        n, p = item
+        return _prune_smallest([p], n_prune(n, p), _serial)[0]
+
+    with torch.no_grad(), _tensor_workers() as pmap:
+        return dict(zip(params, pmap(one, list(params.items()))))
+
+
+def _serial(fn, items):
+    return [fn(x) for x in items]
 
 
 def layerwise_magnitude_masks(module: nn.Module, sparsity: float, *, include: Include = None) -> Masks:
     """Uniform baseline: prune ``round(sparsity * n)`` smallest weights in every layer."""
     _check_sparsity(sparsity)
     params = prunable_parameters(module, include)
-    with torch.no_grad():
-        return {n: _prune_smallest([p], round(sparsity * p.numel()))[0] for n, p in params.items()}
+    return _per_tensor(params, lambda n, p: round(sparsity * p.numel()))
 
 
 def erk_densities(module: nn.Module, sparsity: float, *, include: Include = None) -> dict[str, float]:

@@ -15,12 +15,13 @@ import importlib.metadata
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ._io import read_json, write_json
+from ._io import file_sha256, honour_umask, read_json, write_json
 from .data import cache_dir
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
@@ -118,18 +119,47 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def _cache_is_complete(folder: Path) -> bool:
-    """The conversion writes ``complete.json`` (file names and sizes) last; check it still matches."""
-    stamp = folder / "complete.json"
+CACHE_FORMAT = "v2"  # v2: complete.json records the SHA-256 of every file (v1, sizes only, is left alone)
+_VERIFIED: set[tuple] = set()  # files whose SHA-256 matched in this process, by (path, size, mtime, inode)
+
+
+def _stat_key(path: Path) -> tuple:
+    st = path.stat()
+    return str(path), st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def cache_problem(folder: Path, verify: bool = True) -> str | None:
+    """Why the converted model in ``folder`` cannot be trusted, or None when it is complete and intact.
+
+    The conversion writes ``complete.json`` last, with each file's size and SHA-256. Sizes are checked on
+    every call; checksums (about 0.6 s for the 540 MB model here) when ``verify`` and only once per process
+    for a file that has not changed since (same size, modification time and inode)."""
     try:
-        sizes = read_json(stamp)["files"]
+        stamp = read_json(folder / "complete.json")
+        sizes, digests = stamp["files"], stamp["sha256"]
+        if not (isinstance(sizes, dict) and sizes and isinstance(digests, dict) and set(digests) == set(sizes)):
+            raise ValueError("complete.json does not list the same files with sizes and checksums")
     except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return bool(sizes) and all((folder / n).is_file() and (folder / n).stat().st_size == s for n, s in sizes.items())
+        return "no complete.json with checksums: a conversion did not finish" if folder.exists() else "not converted yet"
+    for name, size in sizes.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size:,} bytes, not {size:,}"
+    if verify:
+        for name, digest in digests.items():
+            key = _stat_key(folder / name)
+            if key in _VERIFIED:
+                continue
+            if file_sha256(folder / name) != digest:
+                return f"{name} fails its SHA-256 checksum"
+            _VERIFIED.add(key)
+    return None
 
 
-def _convert_gguf(gguf: Path, folder: Path) -> None:
-    """Dequantise the GGUF once and save model + tokenizer as safetensors/JSON, atomically."""
+def _dequantise(gguf: Path):
+    """The GGUF file as a float32 ``LlamaForCausalLM`` and its tokenizer (transformers' GGUF reader)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -141,28 +171,47 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     if getattr(model, "hf_quantizer", None) is not None:
         # The weights are already dequantised to float32; only the flag blocks save_pretrained.
         model.hf_quantizer.remove_quantization_config(model)
+    return model, tok
+
+
+def _convert_gguf(gguf: Path, folder: Path) -> None:
+    """Dequantise the GGUF once and save model + tokenizer as safetensors/JSON with their checksums, atomically."""
+    model, tok = _dequantise(gguf)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        files = sorted(p for p in tmp.iterdir() if p.is_file())
         write_json(tmp / "complete.json", {
             "source": str(gguf),
-            "files": {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()},
+            "files": {p.name: p.stat().st_size for p in files},
+            "sha256": {p.name: file_sha256(p) for p in files},
         })
+        honour_umask(tmp)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    for p in folder.iterdir():  # just hashed: no need to read them again in this process
+        if p.name != "complete.json":
+            _VERIFIED.add(_stat_key(p))
 
 
-def embedded_model_folder(rebuild: bool = False) -> Path:
-    """The cached safetensors copy of the embedded model, converted on first use (~20-40 s)."""
+def embedded_model_folder(rebuild: bool | str = False, verify: bool = True) -> Path:
+    """The cached safetensors copy of the embedded model, converted on first use (~20-40 s).
+
+    A cache that is incomplete or fails its checksums (``cache_problem``) is rebuilt, with a one-line warning;
+    ``rebuild`` (True, or the reason as text) rebuilds it anyway."""
     gguf = embedded_gguf_path()
-    folder = cache_dir("models", f"{EMBEDDED_MODEL}-Q4_1-{gguf.stat().st_size}")
-    if rebuild or not _cache_is_complete(folder):
+    folder = cache_dir("models", f"{EMBEDDED_MODEL}-Q4_1-{gguf.stat().st_size}-{CACHE_FORMAT}")
+    problem = (rebuild if isinstance(rebuild, str) else "a rebuild was asked for") if rebuild else cache_problem(folder, verify)
+    if problem is not None:
+        if folder.exists():
+            warnings.warn(f"The model cache {folder} is damaged ({problem}): rebuilding it from {gguf.name} "
+                          "(~30 s).", stacklevel=2)
         _convert_gguf(gguf, folder)
     return folder
 
@@ -188,8 +237,6 @@ def load_llm(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtyp
     ``device`` defaults to CUDA when present; ``device_map`` (e.g. ``"auto"``) is passed through for
     models larger than one device.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if device is None and device_map is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype is None:
@@ -200,38 +247,78 @@ def load_llm(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtyp
 
     from transformers.utils import logging as hf_logging
 
-    if hf_logging.is_progress_bar_enabled():
-        hf_logging.disable_progress_bar()  # a sub-second load needs no bar; notebooks stay clean
-    if name_or_path is None:
-        folder = embedded_model_folder()
-        try:
-            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-            tok = AutoTokenizer.from_pretrained(folder)
-        except Exception:  # noqa: BLE001 - a damaged cache is rebuilt once
-            folder = embedded_model_folder(rebuild=True)
-            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-            tok = AutoTokenizer.from_pretrained(folder)
-    else:
-        path = Path(name_or_path)
-        src, extra = (str(path.parent), {"gguf_file": path.name}) if path.suffix == ".gguf" else (str(name_or_path), {})
-        if not path.exists() and (os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable()):
-            extra["local_files_only"] = True  # fail at once from the local HF cache, not after minutes of retries
-        try:
-            tok = AutoTokenizer.from_pretrained(src, **extra)
-            model = AutoModelForCausalLM.from_pretrained(src, **kwargs, **extra)
-        except (OSError, ValueError) as e:
-            raise OSError(
-                f"Could not load {str(name_or_path)!r}: it is not a local model folder and the Hugging Face "
-                f"hub could not provide it ({type(e).__name__}). Pass a local folder, go online, or call "
-                "load_llm() with no argument for the embedded SmolLM2-135M-Instruct."
-            ) from e
-        if getattr(model, "hf_quantizer", None) is not None and extra:
-            model.hf_quantizer.remove_quantization_config(model)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a sub-second load needs no bar; notebooks stay clean (restored below)
+    try:
+        model, tok = _load(name_or_path, kwargs)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if device_map is None:
         model.to(device)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model.eval(), tok
+
+
+def local_model_problem(path: Path) -> str | None:
+    """Why an existing local ``path`` cannot be a causal LM to load, or None when it may be one."""
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return None
+        ggufs = sorted(path.glob("*.gguf"))
+        hint = (f"; it holds {ggufs[0].name}: pass that file instead" if ggufs else
+                ": save one with model.save_pretrained(folder) and tokenizer.save_pretrained(folder)")
+        return f"the folder {path} has no config.json, so it is not a saved Hugging Face model{hint}"
+    if path.suffix == ".gguf":
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head != b"GGUF":
+            return (f"{path} is not a GGUF file: it starts with {head!r}, a GGUF file with b'GGUF' "
+                    "(a partial download? download it again)")
+        return None
+    return f"{path} is a file but not a .gguf: pass a model folder (with config.json) or a .gguf file"
+
+
+def _load(name_or_path, kwargs: dict):
+    """``(model, tokenizer)`` from the embedded cache (``None``), a local folder or .gguf, or the hub."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name_or_path is None:
+        folder = embedded_model_folder()
+        try:
+            return AutoModelForCausalLM.from_pretrained(folder, **kwargs), AutoTokenizer.from_pretrained(folder)
+        except Exception as e:  # noqa: BLE001 - a damaged cache is rebuilt once
+            if cache_problem(folder) is None:
+                raise  # the cache is intact (sizes and checksums): the error is the request's, e.g. a bad keyword
+            folder = embedded_model_folder(rebuild=f"it did not load: {type(e).__name__}")
+            return AutoModelForCausalLM.from_pretrained(folder, **kwargs), AutoTokenizer.from_pretrained(folder)
+    path = Path(name_or_path)
+    src, extra = (str(path.parent), {"gguf_file": path.name}) if path.suffix == ".gguf" else (str(name_or_path), {})
+    if path.exists():
+        problem = local_model_problem(path)
+        if problem is not None:
+            raise OSError(f"Could not load {str(name_or_path)!r}: {problem}.")
+    elif os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+        extra["local_files_only"] = True  # fail at once from the local HF cache, not after minutes of retries
+    try:
+        tok = AutoTokenizer.from_pretrained(src, **extra)
+        model = AutoModelForCausalLM.from_pretrained(src, **kwargs, **extra)
+    except Exception as e:  # noqa: BLE001 - a local file's reader may fail in any way (a truncated GGUF: struct.error)
+        if not path.exists() and not isinstance(e, (OSError, ValueError)):
+            raise
+        if path.exists():
+            cause = " ".join(str(e).split())
+            kind = type(e).__name__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__name__}"
+            raise OSError(f"Could not load the local model {str(name_or_path)!r}: {kind}: {cause[:300]}") from e
+        raise OSError(
+            f"Could not load {str(name_or_path)!r}: it is not a local model folder or file and the Hugging Face "
+            f"hub could not provide it ({type(e).__name__}). Pass a local folder, go online, or call "
+            "load_llm() with no argument for the embedded SmolLM2-135M-Instruct."
+        ) from e
+    if getattr(model, "hf_quantizer", None) is not None and extra.get("gguf_file"):
+        model.hf_quantizer.remove_quantization_config(model)
+    return model, tok
 
 
 def tiny_llama(seed: int = 0, *, vocab_size: int = 128, hidden_size: int = 48, num_hidden_layers: int = 2,

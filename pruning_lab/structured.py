@@ -19,11 +19,17 @@ The pipeline, each step a small piece::
 
     cal  = calibrate(model, ids)                           # one batched pass, per-channel statistics
     plan = plan_structured(model, cal, ratio=0.2, metric="flap", allocation="adaptive")
+    #   = check_request (options, layer range, budget; no calibration needed) -> score_units
+    #     -> allocate_uniform / allocate_adaptive -> the plan
     small = prune_model(model, plan, calibration=cal, bias_compensation=True)   # a sliced copy
     save_pruned(small, "folder"); again = load_pruned("folder")                 # safetensors + JSON
 
 ``ratio`` is always the fraction of the model's *total* parameters (embeddings included, tied
 weights once) to remove, taken from attention and MLP only; LLM-Pruner and FLAP count it that way.
+``layers`` limits pruning to a range of decoder layers (the others stay whole); each metric defaults
+to its paper's recipe — LLM-Pruner (Taylor) leaves the first 4 and last 2 of LLaMA-7B's 32 layers
+whole (scaled to the model: ``range(4, 28)`` of SmolLM2's 30), FLAP's code prunes FLAP, Wanda-sp and
+magnitude-sp in every layer.
 Calibration keeps running sums per input channel of ``o_proj`` and ``down_proj`` (count, Σx, Σx²),
 never the activations themselves.
 """
@@ -43,6 +49,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._io import read_json, write_json
+from .eval import count_parameters, next_token_loss, perplexity
 from .magnitude import Masks
 
 STRUCTURES = ("heads+mlp", "mlp", "heads")
@@ -110,10 +117,6 @@ def layer_shape(layer: nn.Module) -> LayerShape:
     hd = a.head_dim
     return LayerShape(a.q_proj.out_features // hd, a.k_proj.out_features // hd, hd, m.gate_proj.out_features,
                       a.o_proj.out_features)
-
-
-def _params_of(*linears: nn.Linear) -> int:
-    return sum(lin.weight.numel() + (lin.bias.numel() if lin.bias is not None else 0) for lin in linears)
 
 
 # --------------------------------------------------------------------------- calibration statistics
@@ -288,9 +291,7 @@ def taylor_scores(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 8,
                 p.grad = None
         for i in tqdm(range(0, len(ids), batch_size), desc="taylor", disable=not progress, leave=False):
             batch = ids[i:i + batch_size].to(device)
-            logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-            (loss * (len(batch) / len(ids))).backward()  # = the mean loss over all windows
+            (next_token_loss(model, batch) * (len(batch) / len(ids))).backward()  # = the mean loss over all windows
         with torch.no_grad():
             out = []
             for layer in layers:
@@ -310,12 +311,23 @@ def taylor_scores(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 8,
 # --------------------------------------------------------------------------- importance metrics
 
 
+# A metric's ``paper_range`` = (first layers kept whole, last layers kept whole, of how many layers) in its
+# paper's published recipe, scaled to the model by ``scaled_range``. FLAP's released code (lib/prune.py:
+# prune_flap, prune_wanda_sp, prune_magnitude_sp; scripts/llama_7b.sh) prunes every layer with all three of
+# its methods; LLM-Pruner's LLaMA-7B recipe prunes layers 4-29 of 32 (--block_{mlp,attention}_layer_start 4
+# --block_..._layer_end 30, 25% of each, ~20% of the model).
+ALL_LAYERS = (0, 0, 1)
+LLM_PRUNER_RANGE = (4, 2, 32)
+
+
 @dataclass(frozen=True)
 class MagnitudeSP:
-    """Magnitude-sp: Σ|w| over every weight of the coupled structure (no calibration needed)."""
+    """Magnitude-sp: Σ|w| over every weight of the coupled structure (no calibration needed). FLAP's
+    code runs its magnitude-sp (the L2 norm of the output projection's column) on every layer."""
 
     name: str = "magnitude"
     needs_calibration: bool = False
+    paper_range: tuple[int, int, int] = ALL_LAYERS
 
     def score(self, layer: nn.Module, i: int, cal: Calibration | None) -> dict[str, torch.Tensor]:
         with torch.no_grad():
@@ -329,6 +341,7 @@ class WandaSP:
 
     name: str = "wanda-sp"
     needs_calibration: bool = True
+    paper_range: tuple[int, int, int] = ALL_LAYERS  # FLAP's code: every layer, the same share of each
 
     def score(self, layer: nn.Module, i: int, cal: Calibration) -> dict[str, torch.Tensor]:
         a, m = layer.self_attn, layer.mlp
@@ -339,10 +352,12 @@ class WandaSP:
 
 @dataclass(frozen=True)
 class Taylor:
-    """LLM-Pruner, first order: Σ |w · ∂L/∂w| over the coupled structure (needs gradients)."""
+    """LLM-Pruner, first order: Σ |w · ∂L/∂w| over the coupled structure (needs gradients). Its paper's
+    recipe leaves the first 4 and last 2 of LLaMA-7B's 32 layers whole."""
 
     name: str = "taylor"
     needs_calibration: bool = True
+    paper_range: tuple[int, int, int] = LLM_PRUNER_RANGE
 
     def score(self, layer: nn.Module, i: int, cal: Calibration) -> dict[str, torch.Tensor]:
         if cal.taylor is None:
@@ -357,6 +372,7 @@ class Fluctuation:
 
     name: str = "flap"
     needs_calibration: bool = True
+    paper_range: tuple[int, int, int] = ALL_LAYERS  # FLAP's code: every layer ("AL-AM")
 
     def score(self, layer: nn.Module, i: int, cal: Calibration) -> dict[str, torch.Tensor]:
         a, m = layer.self_attn, layer.mlp
@@ -395,10 +411,30 @@ class TorchPruningMagnitude:
         return out
 
 
-METRICS = {"magnitude": MagnitudeSP(), "wanda-sp": WandaSP(), "taylor": Taylor(), "flap": Fluctuation()}
+@dataclass(frozen=True)
+class RandomSP:
+    """Random structures: every head channel and MLP channel gets a uniform random score (seeded per
+    layer). At uniform allocation it removes as many per layer as any metric does, so beside a metric it
+    separates *which* structures go from *how many*; average several ``seed``s for its expectation."""
+
+    seed: int = 0
+    name: str = "random"
+    needs_calibration: bool = False
+    paper_range: tuple[int, int, int] = ALL_LAYERS
+
+    def score(self, layer: nn.Module, i: int, cal: Calibration | None) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(100_003 * self.seed + i)
+        a, m = layer.self_attn, layer.mlp
+        return {"attn": torch.rand(a.o_proj.in_features, generator=g, dtype=torch.float64),
+                "kv": torch.zeros(a.k_proj.out_features, dtype=torch.float64),
+                "mlp": torch.rand(m.down_proj.in_features, generator=g, dtype=torch.float64)}
 
 
-def get_metric(metric) -> MagnitudeSP | WandaSP | Taylor | Fluctuation | TorchPruningMagnitude:
+METRICS = {"magnitude": MagnitudeSP(), "wanda-sp": WandaSP(), "taylor": Taylor(), "flap": Fluctuation(),
+           "random": RandomSP()}
+
+
+def get_metric(metric) -> MagnitudeSP | WandaSP | Taylor | Fluctuation | TorchPruningMagnitude | RandomSP:
     if hasattr(metric, "score"):
         return metric
     if metric not in METRICS:
@@ -440,6 +476,157 @@ def full_plan(model: nn.Module) -> StructuredPlan:
     return StructuredPlan(plans)
 
 
+def scaled_range(n_layers: int, first_whole: int, last_whole: int, of_layers: int) -> range:
+    """A paper's layer range moved to a model of ``n_layers``: the paper keeps its first ``first_whole``
+    and last ``last_whole`` of ``of_layers`` layers whole; the same shares (rounded half up) stay whole
+    here. LLM-Pruner's LLaMA-7B recipe (4 and 2 of 32) gives ``range(4, 28)`` on SmolLM2's 30 layers."""
+    first = math.floor(first_whole * n_layers / of_layers + 0.5)
+    last = math.floor(last_whole * n_layers / of_layers + 0.5)
+    return range(first, n_layers - last)
+
+
+def layer_range(model: nn.Module | int, layers=None, metric=None) -> range:
+    """The decoder layers a plan may prune, checked against the model (or a layer count).
+
+    ``layers``: a ``range`` of step 1, a ``(start, stop)`` pair, ``"all"``, or ``None`` / ``"paper"``
+    for the metric's paper recipe (``metric.paper_range``, scaled by ``scaled_range``): LLM-Pruner's
+    Taylor keeps its first 4 and last 2 of LLaMA-7B's 32 layers whole; FLAP's code runs FLAP,
+    Wanda-sp and magnitude-sp on every layer. A range outside the model or empty raises, naming
+    the range and the model's layer count.
+    """
+    n = model if isinstance(model, int) else len(decoder_layers(model))
+    if layers is None or layers == "paper":
+        r = scaled_range(n, *(getattr(get_metric(metric), "paper_range", ALL_LAYERS) if metric is not None else ALL_LAYERS))
+    elif layers == "all":
+        r = range(n)
+    elif isinstance(layers, range) and layers.step == 1:
+        r = layers
+    elif isinstance(layers, (tuple, list)) and len(layers) == 2 and all(
+            isinstance(x, int) and not isinstance(x, bool) for x in layers):
+        r = range(*layers)
+    else:
+        raise ValueError(f"layers={layers!r} is not a layer range: give range(start, stop), (start, stop), 'all' "
+                         "or 'paper' (the metric's paper recipe).")
+    if not 0 <= r.start < r.stop <= n:
+        raise ValueError(f"layers=range({r.start}, {r.stop}) is {'empty' if r.start >= r.stop else 'outside the model'}"
+                         f": the model has {n} decoder layers (0 to {n - 1}); give range(start, stop) with "
+                         f"0 <= start < stop <= {n}, e.g. {scaled_range(n, 4, 2, 32)}.")
+    return r
+
+
+@dataclass
+class LayerUnits:
+    """What one decoder layer of the range can lose: its head units and MLP channels, the parameters
+    one of each holds, and — once scored — their scores, least important first.
+
+    A head unit is, with ``head_mode="query"``, the r-th least important query head of every KV group
+    (``n_rep`` units), with ``"group"`` one whole KV group (``kv_heads`` units)."""
+
+    layer: int
+    shape: LayerShape
+    n_head_units: int
+    head_cost: int
+    channel_cost: int
+    head_scores: torch.Tensor | None = None                       # (n_head_units,) ascending
+    query_heads: list[torch.Tensor] = field(default_factory=list)  # the query heads of each unit
+    kv_heads: list[torch.Tensor] = field(default_factory=list)     # the KV heads each unit removes
+    channel_scores: torch.Tensor | None = None                    # (channels,) ascending
+    channel_order: torch.Tensor | None = None                     # channel ids, least important first
+
+
+def _head_unit_cost(layer: nn.Module, s: LayerShape, mode: str) -> int:
+    a = layer.self_attn
+    per_q = s.head_dim * (a.q_proj.in_features + a.o_proj.out_features) + (s.head_dim if a.q_proj.bias is not None else 0)
+    per_kv = s.head_dim * (a.k_proj.in_features + a.v_proj.in_features) + (
+        s.head_dim * 2 if a.k_proj.bias is not None else 0)
+    return per_q * s.kv_heads if mode == "query" else per_q * s.n_rep + per_kv
+
+
+def _channel_cost(layer: nn.Module) -> int:
+    m = layer.mlp
+    return m.gate_proj.in_features * 3 + (2 if m.gate_proj.bias is not None else 0)
+
+
+def _check_ratio(ratio) -> None:
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio={ratio!r} must be a fraction of the parameters in [0, 1): 0.2 removes 20%.")
+
+
+def _kept_at_least(n: int, min_keep: float) -> int:
+    """How many of a layer's ``n`` head units or channels always stay."""
+    return max(1, math.ceil(min_keep * n))
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """A checked request to ``plan_structured``: what it may remove, where, and how much."""
+
+    layers: range
+    n_layers: int
+    budget: float          # parameters to remove
+    ratio: float
+    structure: str
+    allocation: str
+    head_mode: str
+    standardize: str
+    min_keep: float
+    clip_quantile: float = 1.0
+
+    @property
+    def heads(self) -> bool:
+        return self.structure in ("heads+mlp", "heads")
+
+    @property
+    def mlp(self) -> bool:
+        return self.structure in ("heads+mlp", "mlp")
+
+    def where(self) -> str:
+        return f"layers range({self.layers.start}, {self.layers.stop}) of the model's {self.n_layers}"
+
+
+def check_request(model: nn.Module, ratio: float, metric="flap", *, layers=None, structure: str = "heads+mlp",
+                  allocation: str = "adaptive", head_mode: str = "query", standardize: str = "units",
+                  min_keep: float = 0.05, clip_quantile: float = 1.0) -> PlanRequest:
+    """Check a pruning request against the model before anything is computed — no calibration needed,
+    so a notebook can call it before calibrating: every option, the layer range (``layer_range``), and
+    that the range can give up ``ratio`` of the model's parameters while every layer keeps
+    ``min_keep`` of its head units and channels (uniform: the same share in every layer of the range)."""
+    _check_ratio(ratio)
+    for name, value, allowed in (("structure", structure, STRUCTURES), ("allocation", allocation, ALLOCATIONS),
+                                 ("head_mode", head_mode, HEAD_MODES), ("standardize", standardize, STANDARDIZE)):
+        if value not in allowed:
+            extra = " (or use plan_layer_removal)" if name == "structure" else ""
+            raise ValueError(f"Unknown {name} {value!r}: choose one of {allowed}{extra}.")
+    if not isinstance(min_keep, (int, float)) or not 0.0 <= min_keep < 1.0:
+        raise ValueError(f"min_keep={min_keep!r} must be a fraction in [0, 1).")
+    if not isinstance(clip_quantile, (int, float)) or not 0.5 < clip_quantile <= 1.0:
+        raise ValueError(f"clip_quantile={clip_quantile!r} must be in (0.5, 1]: 1 clips nothing (FLAP), 0.99 the top 1%.")
+    blocks = decoder_layers(model)
+    req = PlanRequest(layer_range(len(blocks), layers, metric), len(blocks), ratio * count_parameters(model), ratio,
+                      structure, allocation, head_mode, standardize, min_keep, clip_quantile)
+    units = _layer_units(blocks, req)
+    if allocation == "uniform":
+        allocate_uniform(units, req)  # raises when a layer would keep less than min_keep
+    else:
+        can = sum((u.n_head_units - _kept_at_least(u.n_head_units, min_keep)) * u.head_cost * req.heads
+                  + (u.shape.channels - _kept_at_least(u.shape.channels, min_keep)) * u.channel_cost * req.mlp
+                  for u in units)
+        if req.budget > can:
+            raise ValueError(f"ratio={ratio} asks to remove {req.budget:,.0f} parameters but the {structure} of "
+                             f"{req.where()} hold at most {can:,.0f} removable ones with min_keep={min_keep}: lower "
+                             "the ratio or min_keep, or widen the layer range.")
+    return req
+
+
+def _layer_units(blocks: nn.ModuleList, req: PlanRequest) -> list[LayerUnits]:
+    out = []
+    for i in req.layers:
+        s = layer_shape(blocks[i])
+        out.append(LayerUnits(i, s, s.n_rep if req.head_mode == "query" else s.kv_heads,
+                              _head_unit_cost(blocks[i], s, req.head_mode), _channel_cost(blocks[i])))
+    return out
+
+
 def _head_units(s: LayerShape, head_scores: torch.Tensor, kv_scores: torch.Tensor, mode: str):
     """Removable head units of one layer, least important first: (scores, list of query-head sets,
     list of kv-head sets). ``query``: unit r = the r-th least important query head of every group.
@@ -456,34 +643,128 @@ def _head_units(s: LayerShape, head_scores: torch.Tensor, kv_scores: torch.Tenso
             [torch.tensor([g]) for g in order.tolist()])
 
 
-def _head_unit_cost(layer: nn.Module, s: LayerShape, mode: str) -> int:
-    a = layer.self_attn
-    per_q = s.head_dim * (a.q_proj.in_features + a.o_proj.out_features) + (s.head_dim if a.q_proj.bias is not None else 0)
-    per_kv = s.head_dim * (a.k_proj.in_features + a.v_proj.in_features) + \
-        (s.head_dim * 2 if a.k_proj.bias is not None else 0)
-    return per_q * s.kv_heads if mode == "query" else per_q * s.n_rep + per_kv
+def score_units(blocks: nn.ModuleList, units: list[LayerUnits], calibration: Calibration | None, metric,
+                req: PlanRequest) -> list[LayerUnits]:
+    """Fill each layer's unit scores from ``metric.score`` (ascending). For the adaptive allocation
+    with ``standardize="channels"`` (FLAP's code) a head unit's score is already a z-score: the squared
+    attention score of every ``o_proj`` input channel, standardised over the layer's channels, averaged
+    over the unit's heads' channels."""
+    z_channels = req.allocation == "adaptive" and req.standardize == "channels"
+    with torch.no_grad():
+        for u in units:
+            s, sc = u.shape, metric.score(blocks[u.layer], u.layer, calibration)
+            if z_channels:
+                ch = _clipped(sc["attn"].cpu().pow(2), req.clip_quantile)
+                z_ch = (ch - ch.mean()) / (ch.std() if ch.std() > 0 else 1.0)
+                head_z = z_ch.view(s.heads, s.head_dim).mean(1)
+                hs, u.query_heads, u.kv_heads = _head_units(s, head_z, torch.zeros(s.kv_heads, dtype=head_z.dtype),
+                                                            req.head_mode)
+                u.head_scores = hs / len(u.query_heads[0])  # a unit's z: the mean of its heads' z
+            else:
+                u.head_scores, u.query_heads, u.kv_heads = _head_units(
+                    s, sc["attn"].cpu().view(s.heads, s.head_dim).sum(1), sc["kv"].cpu().view(s.kv_heads, s.head_dim).sum(1),
+                    req.head_mode)
+            ms = sc["mlp"].cpu()
+            u.channel_order = ms.argsort(stable=True)
+            u.channel_scores = ms[u.channel_order]
+    return units
 
 
-def _channel_cost(layer: nn.Module) -> int:
-    m = layer.mlp
-    return m.gate_proj.in_features * 3 + (2 if m.gate_proj.bias is not None else 0)
+def _clipped(scores: torch.Tensor, q: float) -> torch.Tensor:
+    """Scores clipped at their ``q``-quantile (``q`` = 1: unchanged): ranks below it stay, but a few outliers no
+    longer set the mean and standard deviation a z-score is taken with."""
+    return scores if q >= 1.0 else scores.clamp(max=float(torch.quantile(scores.double(), q)))
 
 
-def _check_ratio(ratio) -> None:
-    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 <= ratio < 1.0:
-        raise ValueError(f"ratio={ratio!r} must be a fraction of the parameters in [0, 1): 0.2 removes 20%.")
+def allocate_uniform(units: list[LayerUnits], req: PlanRequest) -> dict[int, tuple[int, int]]:
+    """LLM-Pruner's block-wise allocation: every layer of the range loses the same share — head units
+    rounded, the rest of the budget taken from MLP channels equally. Needs no scores. Returns
+    ``{layer: (head units removed, channels removed)}``."""
+    head_total = sum(u.n_head_units * u.head_cost for u in units) if req.heads else 0
+    mlp_total = sum(u.shape.channels * u.channel_cost for u in units) if req.mlp else 0
+    if req.budget > head_total + mlp_total:
+        raise ValueError(f"ratio={req.ratio} asks to remove {req.budget:,.0f} parameters but the {req.structure} of "
+                         f"{req.where()} hold only {head_total + mlp_total:,}: lower the ratio, widen the layer range "
+                         "or prune more structures.")
+    frac = req.budget / max(head_total + mlp_total, 1)
+    left, out = req.budget, {}
+    for u in units:
+        k = 0
+        if req.heads:
+            n = u.n_head_units
+            k = round(frac * n) if req.mlp else round(req.budget / (len(units) * u.head_cost))
+            if k > n - _kept_at_least(n, req.min_keep):
+                what = "every head" if k >= n else f"{k} of the {n} head units"
+                raise ValueError(f"ratio={req.ratio} would remove {what} of layer {u.layer} (head_mode="
+                                 f"{req.head_mode!r}; {req.where()}), leaving fewer than "
+                                 f"{_kept_at_least(n, req.min_keep)}: lower the ratio, widen the layer range, prune "
+                                 "the MLP too, or use allocation='adaptive'.")
+            left -= k * u.head_cost
+        out[u.layer] = (k, 0)
+    if req.mlp:
+        per_layer = max(left, 0) / len(units)
+        for u in units:
+            n, k = u.shape.channels, round(per_layer / u.channel_cost)
+            if k > n - _kept_at_least(n, req.min_keep):
+                raise ValueError(f"ratio={req.ratio} would remove {k} of the {n} MLP channels of layer {u.layer} "
+                                 f"({req.where()}), keeping fewer than min_keep={req.min_keep}: lower the ratio or "
+                                 "widen the layer range.")
+            out[u.layer] = (out[u.layer][0], k)
+    return out
+
+
+def allocate_adaptive(units: list[LayerUnits], req: PlanRequest) -> dict[int, tuple[int, int]]:
+    """FLAP's adaptive allocation: each layer's unit scores are standardised within the layer and module
+    (z = (s − mean) / std; already z with ``standardize="channels"``), pooled over the range, and the
+    lowest go — each costing its parameters — until the budget is spent (overshoot < one unit). The
+    ``min_keep`` most important units of every layer and module are never offered. With ``clip_quantile``
+    below 1 (not FLAP's; a diagnostic variant), a layer's channel scores are clipped at that quantile before
+    the z-score: one massive-activation channel can otherwise inflate a layer's standard deviation so much
+    that every other channel's z sits near 0 and the whole layer is never pruned."""
+    z, cost, owner = [], [], []
+    for u in units:
+        for kind, scores, c, use in (("head", u.head_scores, u.head_cost, req.heads),
+                                     ("mlp", u.channel_scores, u.channel_cost, req.mlp)):
+            if not use:
+                continue
+            n = len(scores)
+            if kind == "head" and req.standardize == "channels":
+                zz = scores
+            else:
+                scores = _clipped(scores, req.clip_quantile) if kind == "mlp" else scores
+                std = scores.std() if n > 1 else torch.tensor(1.0, dtype=scores.dtype)
+                zz = (scores - scores.mean()) / (std if std > 0 else 1.0)
+            removable = n - _kept_at_least(n, req.min_keep)
+            z.append(zz[:removable])
+            cost.append(torch.full((removable,), float(c), dtype=torch.float64))
+            owner += [(u.layer, kind)] * removable
+    z, cost = torch.cat(z), torch.cat(cost)
+    order = z.argsort(stable=True)
+    n_take = int(torch.searchsorted(cost[order].cumsum(0), torch.tensor(req.budget, dtype=torch.float64))) + 1 \
+        if req.budget > 0 else 0
+    out = {u.layer: [0, 0] for u in units}
+    for j in order[:n_take].tolist():
+        layer, kind = owner[j]
+        out[layer][kind == "mlp"] += 1
+    return {k: tuple(v) for k, v in out.items()}
 
 
 def plan_structured(model: nn.Module, calibration: Calibration | None, ratio: float, metric="flap", *,
-                    structure: str = "heads+mlp", allocation: str = "adaptive", head_mode: str = "query",
-                    standardize: str = "units", min_keep: float = 0.05) -> StructuredPlan:
-    """Choose the heads and MLP channels to remove so that ``ratio`` of the model's parameters go.
+                    layers=None, structure: str = "heads+mlp", allocation: str = "adaptive",
+                    head_mode: str = "query", standardize: str = "units", min_keep: float = 0.05,
+                    clip_quantile: float = 1.0, uniform_layers=()) -> StructuredPlan:
+    """Choose the heads and MLP channels to remove so that ``ratio`` of the model's parameters go:
+    check the request → score → allocate → plan.
 
-    ``allocation="uniform"``: every layer loses the same share (head units rounded, the rest of the
-    budget taken from MLP channels equally). ``"adaptive"`` (FLAP): scores are standardised within
-    each layer and module (z = (s − mean) / std), pooled over all layers, and the least important
-    units are removed, cheapest-score first, until the parameter budget is spent. ``min_keep`` is
-    the fraction of every layer's head units and channels that always stays (at least one).
+    ``layers`` (see ``layer_range``): the decoder layers that may be pruned, the others stay whole;
+    default the metric's paper recipe (Taylor: LLM-Pruner's first 4 and last 2 of 32 layers whole,
+    scaled; the other metrics: every layer). ``ratio`` stays a fraction of the *whole* model, so a
+    narrower range prunes its layers harder.
+
+    ``allocation="uniform"`` (``allocate_uniform``): every layer of the range loses the same share.
+    ``"adaptive"`` (``allocate_adaptive``, FLAP): standardised scores pooled over the range, the lowest
+    removed until the budget is spent. ``min_keep`` is the fraction of every layer's head units and
+    channels that always stays (at least one): a per-layer width floor.
 
     ``standardize`` (adaptive only) sets the population a head unit's z-score is taken over:
     ``"units"`` — the layer's removable head units (with GQA and ``head_mode="query"`` only 3,
@@ -491,126 +772,53 @@ def plan_structured(model: nn.Module, calibration: Calibration | None, ratio: fl
     FLAP's released code: the attention score of every ``o_proj`` input channel is squared,
     standardised over the layer's channels, and a head's z is the mean over its ``head_dim``
     channels (a unit's z: the mean over its heads). MLP channels are standardised over the layer's
-    channels either way.
+    channels either way. ``clip_quantile`` < 1 (adaptive only; ours, not FLAP's): channel scores are
+    clipped at that quantile of their layer before they are standardised (see ``allocate_adaptive``).
+
+    ``uniform_layers`` (adaptive only; a diagnosis, not a method): these layers get the uniform plan's
+    heads and channels, every other layer keeps the adaptive choice, so the plan removes a little
+    less than ``ratio`` when the adaptive plan had made those layers narrower (chapter 3 gives layer 0
+    back its uniform width to see what its adaptive width costs).
     """
-    _check_ratio(ratio)
-    if structure not in STRUCTURES:
-        raise ValueError(f"Unknown structure {structure!r}: choose one of {STRUCTURES} (or use plan_layer_removal).")
-    if allocation not in ALLOCATIONS:
-        raise ValueError(f"Unknown allocation {allocation!r}: choose one of {ALLOCATIONS}.")
-    if head_mode not in HEAD_MODES:
-        raise ValueError(f"Unknown head_mode {head_mode!r}: choose one of {HEAD_MODES}.")
-    if standardize not in STANDARDIZE:
-        raise ValueError(f"Unknown standardize {standardize!r}: choose one of {STANDARDIZE}.")
-    if not 0.0 <= min_keep < 1.0:
-        raise ValueError(f"min_keep={min_keep!r} must be a fraction in [0, 1).")
+    uniform_layers = tuple(uniform_layers)
+    if uniform_layers:
+        if allocation != "adaptive":
+            raise ValueError(f"uniform_layers={uniform_layers} only means something with allocation='adaptive' "
+                             f"(with {allocation!r} every layer already has the uniform width): drop it.")
+        n = len(decoder_layers(model))
+        bad = [i for i in uniform_layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n]
+        if bad:
+            raise ValueError(f"uniform_layers={uniform_layers}: {bad} are not decoder layers of this model "
+                             f"(0 to {n - 1}); give layer indices.")
     metric = get_metric(metric)
-    layers = decoder_layers(model)
+    req = check_request(model, ratio, metric, layers=layers, structure=structure, allocation=allocation,
+                        head_mode=head_mode, standardize=standardize, min_keep=min_keep, clip_quantile=clip_quantile)
+    blocks = decoder_layers(model)
     if metric.needs_calibration and calibration is None:
         raise ValueError(f"The {metric.name!r} metric needs calibration statistics: pass calibrate(model, ids).")
-    if calibration is not None and len(calibration.mlp) != len(layers):
-        raise ValueError(f"The calibration has {len(calibration.mlp)} layers, the model {len(layers)}: "
+    if calibration is not None and len(calibration.mlp) != len(blocks):
+        raise ValueError(f"The calibration has {len(calibration.mlp)} layers, the model {len(blocks)}: "
                          "calibrate this model again.")
-    from .eval import count_parameters
-
-    budget = ratio * count_parameters(model)
-    use_heads, use_mlp = structure in ("heads+mlp", "heads"), structure in ("heads+mlp", "mlp")
-    units = []  # per layer: dict(head=(scores, qsets, kvsets, cost), mlp=(scores, order, cost))
-    with torch.no_grad():
-        for i, layer in enumerate(layers):
-            s = layer_shape(layer)
-            sc = metric.score(layer, i, calibration)
-            head_scores = sc["attn"].cpu().view(s.heads, s.head_dim).sum(1)
-            kv_scores = sc["kv"].cpu().view(s.kv_heads, s.head_dim).sum(1)
-            if allocation == "adaptive" and standardize == "channels":
-                ch = sc["attn"].cpu().pow(2)
-                z_ch = (ch - ch.mean()) / (ch.std() if ch.std() > 0 else 1.0)
-                head_z = z_ch.view(s.heads, s.head_dim).mean(1)
-                hs, qsets, kvsets = _head_units(s, head_z, torch.zeros_like(kv_scores), head_mode)
-                hs = hs / len(qsets[0])  # a unit's z: the mean of its heads' z
-            else:
-                hs, qsets, kvsets = _head_units(s, head_scores, kv_scores, head_mode)
-            ms = sc["mlp"].cpu()
-            morder = ms.argsort(stable=True)
-            units.append({"shape": s, "head": (hs, qsets, kvsets, _head_unit_cost(layer, s, head_mode)),
-                          "mlp": (ms[morder], morder, _channel_cost(layer))})
-    n_layers = len(layers)
-
-    def floor(n):
-        return max(1, math.ceil(min_keep * n))
-
-    remove_h = [0] * n_layers
-    remove_c = [0] * n_layers
-    if allocation == "uniform":
-        head_total = sum(len(u["head"][1]) * u["head"][3] for u in units) if use_heads else 0
-        mlp_total = sum(len(u["mlp"][1]) * u["mlp"][2] for u in units) if use_mlp else 0
-        if budget > head_total + mlp_total:
-            raise ValueError(f"ratio={ratio} asks to remove {budget:,.0f} parameters but the {structure} of all layers "
-                             f"hold only {head_total + mlp_total:,}: lower the ratio or prune more structures.")
-        frac = budget / max(head_total + mlp_total, 1)
-        left = budget
-        for i, u in enumerate(units):
-            n_units = len(u["head"][1])
-            if use_heads:
-                k = round(frac * n_units) if use_mlp else round(budget / (n_layers * u["head"][3]))
-                if k > n_units - floor(n_units):
-                    what = "every head" if k >= n_units else f"{k} of the {n_units} head units"
-                    raise ValueError(f"ratio={ratio} would remove {what} of layer {i} "
-                                     f"(head_mode={head_mode!r}), leaving fewer than {floor(n_units)}: lower the "
-                                     "ratio, prune the MLP too, or use allocation='adaptive'.")
-                remove_h[i] = k
-                left -= k * u["head"][3]
-        if use_mlp:
-            per_layer = max(left, 0) / n_layers
-            for i, u in enumerate(units):
-                n = len(u["mlp"][1])
-                k = round(per_layer / u["mlp"][2])
-                if k > n - floor(n):
-                    raise ValueError(f"ratio={ratio} would remove {k} of the {n} MLP channels of layer {i}, "
-                                     f"keeping fewer than min_keep={min_keep}: lower the ratio.")
-                remove_c[i] = k
-    else:
-        z, cost, owner = [], [], []  # pooled standardised scores of every removable unit
-        for i, u in enumerate(units):
-            for kind, scores, c, n in (("head", u["head"][0], u["head"][3], len(u["head"][1])),
-                                       ("mlp", u["mlp"][0], u["mlp"][2], len(u["mlp"][1]))):
-                if (kind == "head" and not use_heads) or (kind == "mlp" and not use_mlp):
-                    continue
-                if kind == "head" and standardize == "channels":
-                    zz = scores  # already z-scores of the layer's attention channels
-                else:
-                    std = scores.std() if n > 1 else torch.tensor(1.0, dtype=scores.dtype)
-                    zz = (scores - scores.mean()) / (std if std > 0 else 1.0)
-                removable = n - floor(n)   # the most important `floor` units are protected
-                z.append(zz[:removable])
-                cost.append(torch.full((removable,), float(c), dtype=torch.float64))
-                owner += [(i, kind)] * removable
-        z, cost = torch.cat(z), torch.cat(cost)
-        if budget > cost.sum():
-            raise ValueError(f"ratio={ratio} asks to remove {budget:,.0f} parameters but at most {cost.sum():,.0f} can "
-                             f"go with min_keep={min_keep}: lower the ratio or min_keep.")
-        order = z.argsort(stable=True)
-        # the first units whose cumulated cost reaches the budget (overshoot < one unit)
-        n_take = int(torch.searchsorted(cost[order].cumsum(0), torch.tensor(budget, dtype=torch.float64))) + 1 \
-            if budget > 0 else 0
-        for j in order[:n_take].tolist():
-            i, kind = owner[j]
-            if kind == "head":
-                remove_h[i] += 1
-            else:
-                remove_c[i] += 1
-    plans = []
-    for i, u in enumerate(units):
-        s = u["shape"]
-        _, qsets, kvsets, _ = u["head"]
-        kept_q = torch.cat(qsets[remove_h[i]:]).sort().values if remove_h[i] else torch.arange(s.heads)
-        gone_kv = torch.cat(kvsets[:remove_h[i]]) if remove_h[i] and head_mode == "group" else torch.empty(0, dtype=torch.long)
-        kept_kv = torch.tensor([g for g in range(s.kv_heads) if g not in set(gone_kv.tolist())], dtype=torch.long)
-        kept_c = u["mlp"][1][remove_c[i]:].sort().values
-        plans.append(LayerPlan(kept_q, kept_kv, kept_c))
-    return StructuredPlan(plans, info={"metric": metric.name, "ratio": ratio, "structure": structure,
-                                       "allocation": allocation, "head_mode": head_mode,
-                                       "standardize": standardize, "min_keep": min_keep})
+    units = score_units(blocks, _layer_units(blocks, req), calibration, metric, req)
+    removal = (allocate_uniform if allocation == "uniform" else allocate_adaptive)(units, req)
+    plan = full_plan(model)
+    for u in units:
+        heads_gone, channels_gone = removal[u.layer]
+        s = u.shape
+        kept_q = torch.cat(u.query_heads[heads_gone:]).sort().values if heads_gone else torch.arange(s.heads)
+        gone_kv = set(torch.cat(u.kv_heads[:heads_gone]).tolist()) if heads_gone and head_mode == "group" else set()
+        kept_kv = torch.tensor([g for g in range(s.kv_heads) if g not in gone_kv], dtype=torch.long)
+        plan.layers[u.layer] = LayerPlan(kept_q, kept_kv, u.channel_order[channels_gone:].sort().values)
+    if uniform_layers:
+        uniform = plan_structured(model, calibration, ratio, metric, layers=layers, structure=structure,
+                                  allocation="uniform", head_mode=head_mode, min_keep=min_keep)
+        for i in uniform_layers:
+            plan.layers[i] = uniform.layers[i]
+    plan.info = {"metric": metric.name, "ratio": ratio, "layers": [req.layers.start, req.layers.stop],
+                 "structure": structure, "allocation": allocation, "head_mode": head_mode,
+                 "standardize": standardize, "min_keep": min_keep, "clip_quantile": clip_quantile,
+                 "uniform_layers": list(uniform_layers)}
+    return plan
 
 
 def plan_layer_removal(model: nn.Module, calibration: Calibration, ratio: float | None = None, *,
@@ -623,8 +831,6 @@ def plan_layer_removal(model: nn.Module, calibration: Calibration, ratio: float 
         raise ValueError("Give exactly one of ratio= or n_layers=.")
     if n_layers is None:
         _check_ratio(ratio)
-        from .eval import count_parameters
-
         per_layer = sum(p.numel() for p in layers[0].parameters())
         n_layers = round(ratio * count_parameters(model) / per_layer)
     if not 0 <= n_layers < len(layers):
@@ -758,8 +964,6 @@ def one_layer_at_a_time(model: nn.Module, plan: StructuredPlan, ids: torch.Tenso
     """Held-out perplexity when only layer ``i`` follows ``plan`` (its removed heads and channels
     zeroed, every other layer dense), for each layer ``i``: which layers' removals do the damage.
     The model is restored after each layer."""
-    from .eval import perplexity
-
     layers = _check_plan(model, plan)
     full = full_plan(model)
     out = []
@@ -848,12 +1052,31 @@ def _update_config(model: nn.Module, head_dim: int) -> None:
             layer.layer_idx = i
 
 
+def _replaced_weights(layers: nn.ModuleList, plan: StructuredPlan) -> list[torch.Tensor]:
+    """The weights ``prune_model`` replaces by sliced copies (and those of dropped layers): a copy of the model
+    need not copy them. Biases are not listed: bias compensation writes into them before they are sliced."""
+    out = []
+    for i, (layer, p) in enumerate(zip(layers, plan.layers)):
+        a, m, s = layer.self_attn, layer.mlp, layer_shape(layer)
+        if i in plan.drop_layers:
+            out += [t for t in layer.parameters()]
+            continue
+        if len(p.heads) < s.heads:
+            out += [a.q_proj.weight, a.o_proj.weight]
+        if len(p.kv_heads) < s.kv_heads:
+            out += [a.k_proj.weight, a.v_proj.weight]
+        if len(p.channels) < s.channels:
+            out += [m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight]
+    return out
+
+
 def prune_model(model: nn.Module, plan: StructuredPlan, *, calibration: Calibration | None = None,
                 bias_compensation: bool = False, inplace: bool = False) -> nn.Module:
     """Slice the weights the plan removes and return a smaller, ordinary model.
 
     Everything is checked first; on bad input nothing changes. With ``inplace=False`` (default) the
-    model is deep-copied once and the copy is sliced (peak memory ≈ 2× the model); ``inplace=True``
+    model is deep-copied once — except the weight matrices the plan slices, which the sliced copies replace —
+    and the copy is sliced: it shares no tensor with ``model`` (peak memory ≈ 1× + the pruned model); ``inplace=True``
     slices the given model itself, for large models or benchmarks: no second copy, only the sliced
     matrices are new (weights memory-mapped from safetensors keep their pages resident until the file
     is released, so SmolLM2 at 30% peaks at ~1.6× the model; see ``benchmarks/bench_structured.py``).
@@ -864,7 +1087,8 @@ def prune_model(model: nn.Module, plan: StructuredPlan, *, calibration: Calibrat
         if calibration is None or len(calibration.mlp) != len(layers):
             raise ValueError("bias_compensation=True needs calibrate(model, ids) of this model (channel means).")
     head_dim = layers[0].self_attn.head_dim
-    target = model if inplace else copy.deepcopy(model)
+    # the copy shares (never copies) the weights that are about to be sliced away, so it costs only what it keeps
+    target = model if inplace else copy.deepcopy(model, {id(w): w for w in _replaced_weights(layers, plan)})
     layers = decoder_layers(target)
     with torch.no_grad():
         for i, (layer, p) in enumerate(zip(layers, plan.layers)):
@@ -959,10 +1183,13 @@ def load_pruned(folder, *, device: str | torch.device | None = None, dtype: torc
 
 
 def lora_recover(model: nn.Module, ids: torch.Tensor, *, steps: int = 20, lr: float = 2e-4, rank: int = 8,
-                 alpha: int = 16, batch_size: int = 4, seed: int = 0, progress: bool = False) -> nn.Module:
+                 alpha: int = 16, batch_size: int = 4, seed: int = 0, losses: list | None = None,
+                 progress: bool = False) -> nn.Module:
     """LLM-Pruner's recovery, short: LoRA adapters (``peft``) on every projection, ``steps`` AdamW
-    steps of next-token loss on calibration windows ``ids`` (cycled), then merged into the weights.
-    Modifies and returns ``model`` (an ordinary model again, same shapes; added biases untouched)."""
+    steps of next-token loss on calibration windows ``ids`` (drawn at random with ``seed``, which also
+    seeds the adapters), then merged into the weights. ``losses``, if given, receives each step's
+    training loss. Modifies and returns ``model`` (an ordinary model again, same shapes; added biases
+    untouched)."""
     from peft import LoraConfig, get_peft_model
 
     ids = _check_ids(ids)
@@ -979,11 +1206,12 @@ def lora_recover(model: nn.Module, ids: torch.Tensor, *, steps: int = 20, lr: fl
         peft_model.train()
         for _ in tqdm(range(steps), desc="LoRA", disable=not progress, leave=False):
             batch = ids[torch.randint(0, len(ids), (batch_size,), generator=g)].to(device)
-            logits = peft_model(input_ids=batch, use_cache=False).logits[:, :-1]
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+            loss = next_token_loss(peft_model, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if losses is not None:
+                losses.append(loss.item())
     merged = peft_model.merge_and_unload()
     for p in merged.parameters():
         p.requires_grad_(True)
@@ -994,20 +1222,23 @@ def lora_recover(model: nn.Module, ids: torch.Tensor, *, steps: int = 20, lr: fl
 
 
 def structured_prune(model: nn.Module, ratio: float, metric="flap", *, calibration: Calibration | None = None,
-                     structure: str = "heads+mlp", allocation: str = "adaptive", head_mode: str = "query",
+                     layers=None, structure: str = "heads+mlp", allocation: str = "adaptive", head_mode: str = "query",
                      standardize: str = "units", bias_compensation: bool | None = None, min_keep: float = 0.05,
-                     inplace: bool = False) -> tuple[nn.Module, StructuredPlan]:
-    """Plan and prune in one call; returns ``(pruned_model, plan)``. ``structure="layers"`` removes
-    whole layers by block influence. ``bias_compensation`` defaults to on for FLAP, off otherwise.
-    The model is copied unless ``inplace=True``; bad input raises before anything changes."""
+                     clip_quantile: float = 1.0, inplace: bool = False) -> tuple[nn.Module, StructuredPlan]:
+    """Plan and prune in one call; returns ``(pruned_model, plan)``. ``layers`` is the range of decoder
+    layers that may be pruned (default: the metric's paper recipe, see ``layer_range``).
+    ``structure="layers"`` removes whole layers by block influence. ``bias_compensation`` defaults to on
+    for FLAP, off otherwise. The model is copied unless ``inplace=True``; bad input raises before
+    anything changes."""
     if structure == "layers":
         plan = plan_layer_removal(model, calibration, ratio)
         return prune_model(model, plan, inplace=inplace), plan
     metric = get_metric(metric)
     if bias_compensation is None:
         bias_compensation = metric.name == "flap"
-    plan = plan_structured(model, calibration, ratio, metric, structure=structure, allocation=allocation,
-                           head_mode=head_mode, standardize=standardize, min_keep=min_keep)
+    plan = plan_structured(model, calibration, ratio, metric, layers=layers, structure=structure,
+                           allocation=allocation, head_mode=head_mode, standardize=standardize, min_keep=min_keep,
+                           clip_quantile=clip_quantile)
     plan.info["bias_compensation"] = bias_compensation
     return prune_model(model, plan, calibration=calibration, bias_compensation=bias_compensation,
                        inplace=inplace), plan

@@ -7,27 +7,24 @@ In a notebook::
     rec.record(dense_accuracy=0.89)          # results/01_global_magnitude.json, written atomically
     rec.figure(fig, "accuracy_vs_sparsity")  # results/figures/01_global_magnitude/accuracy_vs_sparsity.png
 
-From a shell::
-
-    python -m pruning_lab.workbook list
-    python -m pruning_lab.workbook run all                  # every notebook, committed parameters, in place
-    python -m pruning_lab.workbook run 01 --params smoke    # notebooks/params/01_*.smoke.yaml -> runs/smoke/
-    python -m pruning_lab.workbook run 01 --params my.yaml -p seed 3
+From Python, ``run_notebook("01", "smoke", {"seeds": [0]})``; from a shell, ``python -m pruning_lab run ...``
+(the command line is ``pruning_lab/__main__.py``). Parameter values are read and checked by ``params``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_path, plain, write_json
+from . import params as _params
+from ._io import atomic_path, honour_umask, plain, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -114,39 +111,55 @@ def find_notebook(key: str) -> Path:
     return hits[0]
 
 
-def load_params(nb: Path, params: str | None) -> tuple[dict, str | None]:
-    """Parameters from ``notebooks/params/<stem>.<params>.yaml`` or a YAML path; ``(dict, tag)``."""
-    if params is None:
-        return {}, None
-    import yaml
-
-    path = Path(params)
+def load_params(nb: Path, spec: str | None) -> tuple[dict, str | None, str | None]:
+    """Parameters from ``notebooks/params/<stem>.<spec>.yaml`` (``spec`` = smoke, paper, ...) or a YAML path:
+    ``(values, tag, source)``; the source (the file) is what a refusal names. Read by ``params``' one rule."""
+    if spec is None:
+        return {}, None, None
+    path = Path(spec)
     if not path.is_file():
-        path = NOTEBOOKS / "params" / f"{nb.stem}.{params}.yaml"
-    if not path.is_file():
-        raise SystemExit(f"No parameter file {params!r}: expected a YAML path or {path}.")
-    values = yaml.safe_load(path.read_text()) or {}
+        if path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+            raise SystemExit(f"No parameter file {spec}: {path.resolve()} does not exist.")
+        path = NOTEBOOKS / "params" / f"{nb.stem}.{spec}.yaml"
+        if not path.is_file():
+            tags = sorted(p.name[len(nb.stem) + 1:-len(".yaml")] for p in (NOTEBOOKS / "params").glob(f"{nb.stem}.*.yaml"))
+            raise SystemExit(f"No parameter set {spec!r} for {nb.stem}: give a YAML path, or one of "
+                             f"{', '.join(tags) or '(none)'} (the files notebooks/params/{nb.stem}.<name>.yaml).")
+    values = _params.load_yaml(path)
+    if values is None:
+        values = {}
     if not isinstance(values, dict):
         raise SystemExit(f"{path} must hold a mapping of parameter names to values.")
-    return values, path.stem.split(".")[-1] if path.parent == NOTEBOOKS / "params" else path.stem
+    tag = path.stem.split(".")[-1] if path.parent == NOTEBOOKS / "params" else path.stem
+    return values, tag, display_path(path)
 
 
-def declared_parameters(nb: Path) -> dict:
-    """Names and default values of the cell tagged ``parameters``."""
-    import papermill
+def display_path(path: Path) -> str:
+    """A path as a user would type it: relative to the project or the current folder when inside them."""
+    path = Path(path).resolve()
+    for base in (Path.cwd(), ROOT):
+        if path.is_relative_to(base):
+            return str(path.relative_to(base))
+    return str(path)
 
-    return {name: info["default"] for name, info in papermill.inspect_notebook(str(nb)).items()}
+
+def resolve_parameters(nb: Path, params: str | None = None, overrides: dict | None = None,
+                       overrides_from: str = "overrides") -> tuple[dict, str | None]:
+    """The values a run will inject: the parameter file's, then ``overrides``; each checked against the
+    notebook's declared types and ranges and converted (``params.resolve``). ``(values, tag)``."""
+    base, tag, source = load_params(nb, params)
+    return _params.resolve(nb, (source or "", base), (overrides_from, overrides or {})), tag
 
 
-def check_parameters(nb: Path, values: dict) -> None:
-    """Refuse parameter names the notebook does not declare (papermill would only warn)."""
-    declared = declared_parameters(nb)
-    unknown = sorted(set(values) - set(declared))
-    if unknown:
-        raise SystemExit(
-            f"{nb.name} has no parameter named {', '.join(map(repr, unknown))}. "
-            f"Its parameters are: {', '.join(sorted(declared))}."
-        )
+def code_sha256(nb: Path) -> str:
+    """SHA-256 of a notebook's code, the ``parameters`` cell excepted (its values enter a run separately):
+    prose, outputs and metadata do not change it."""
+    import hashlib
+
+    cells = json.loads(Path(nb).read_text()).get("cells", [])
+    code = ["".join(c.get("source", "")) for c in cells
+            if c.get("cell_type") == "code" and "parameters" not in c.get("metadata", {}).get("tags", [])]
+    return hashlib.sha256(json.dumps(code).encode()).hexdigest()
 
 
 def clean_notebook(path: Path) -> None:
@@ -222,19 +235,52 @@ def _register_engine() -> None:
     engines.papermill_engines.register(ENGINE, Engine)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+_LEFTOVER = re.compile(r"\.(?:running|staging)-.*?(?:-(\d+)-[a-z0-9_]+)?(?:\.ipynb)?")
+
+
+def _remove_leftovers(folder: Path, pattern: str) -> None:
+    """Remove what killed runs left in ``folder`` (``.running-*`` notebooks, ``.staging-*`` folders), and say so.
+
+    Their names carry the pid of the run that made them: those of a run still alive are kept."""
+    for path in folder.glob(pattern):
+        m = _LEFTOVER.fullmatch(path.name)
+        if m is None or (m[1] is not None and _alive(int(m[1]))):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        print(f"[pruning_lab] removed {path}, left by a run that was killed", file=sys.stderr, flush=True)
+
+
 def run_notebook(key: str, params: str | None = None, overrides: dict | None = None,
                  out_dir: str | os.PathLike | None = None, kernel: str = KERNEL_NAME,
-                 failed_dir: str | os.PathLike | None = None, cell_timeout: float | None = None) -> Path:
+                 failed_dir: str | os.PathLike | None = None, cell_timeout: float | None = None, *,
+                 overrides_from: str = "overrides") -> Path:
     """Execute one notebook with papermill and return the executed notebook's path.
 
     Without ``params``/``overrides`` the notebook runs with its committed parameters, in place, and
     records to ``results/``. Otherwise the executed copy goes to ``runs/<tag>/`` (or ``out_dir``)
     and its results JSON beside it, so the committed run is never overwritten by a smoke run.
 
+    Every value is checked against the notebook's declared types and ranges before the kernel starts
+    (``params``); a refusal is one line naming the parameter, the value, what is allowed and where it came from
+    (the parameter file, or ``overrides_from``: ``-p`` on the command line).
+
     A run records into a staging folder; only when every cell has run are the executed notebook, its
     results JSON and its figures moved into place. A failed run changes nothing there: its partly
     executed notebook is kept in ``failed_dir`` (default ``runs/failed/``; named in the error) to show
-    where it stopped.
+    where it stopped. What a killed run left behind is removed by the next run in the same folders, and reported.
 
     ``cell_timeout`` (seconds; default ``$PRUNING_LAB_CELL_TIMEOUT``, which the test session sets, else none:
     paper-scale cells may run for hours) stops a cell that runs longer, so that a hung kernel becomes a named
@@ -248,9 +294,7 @@ def run_notebook(key: str, params: str | None = None, overrides: dict | None = N
         raise ValueError(f"cell_timeout={cell_timeout}: give a positive number of seconds, or None for no limit.")
 
     nb = find_notebook(key)
-    values, tag = load_params(nb, params)
-    values.update(overrides or {})
-    check_parameters(nb, values)
+    values, tag = resolve_parameters(nb, params, overrides, overrides_from)
     if not values and out_dir is None:
         target, final = nb, results_dir()
     else:
@@ -258,13 +302,14 @@ def run_notebook(key: str, params: str | None = None, overrides: dict | None = N
         target, final = folder / nb.name, folder / "results"
     _writable(final)
     _writable(target.parent)
-    for stale in final.glob(f".staging-{nb.stem}-*"):  # left by a killed run: never read, just removed
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".staging-{nb.stem}-", dir=final))
-    old = os.environ.get("PRUNING_LAB_RESULTS")
-    os.environ.setdefault("MPLBACKEND", "Agg")
+    _remove_leftovers(final, ".staging-*")
+    _remove_leftovers(target.parent, ".running-*.ipynb")
+    pid = os.getpid()
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{nb.stem}-{pid}-", dir=final))
+    saved = {var: os.environ.get(var) for var in ("PRUNING_LAB_RESULTS", "MPLBACKEND")}
+    os.environ.setdefault("MPLBACKEND", "Agg")  # for a kernel whose spec does not set it (ours does: inline)
     os.environ["PRUNING_LAB_RESULTS"] = str(staging)
-    fd, tmp = tempfile.mkstemp(prefix=".running-", suffix=".ipynb", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".running-{nb.stem}-{pid}-", suffix=".ipynb", dir=target.parent)
     os.close(fd)
     try:
         try:
@@ -276,6 +321,7 @@ def run_notebook(key: str, params: str | None = None, overrides: dict | None = N
             failed = Path(failed_dir if failed_dir is not None else ROOT / "runs" / "failed") / nb.name
             if Path(tmp).is_file() and Path(tmp).stat().st_size:
                 failed.parent.mkdir(parents=True, exist_ok=True)
+                honour_umask(tmp)
                 os.replace(tmp, failed)
                 e.add_note(f"The partly executed notebook is {failed}; {target.name} and its results were "
                            "left as they were.")
@@ -287,10 +333,11 @@ def run_notebook(key: str, params: str | None = None, overrides: dict | None = N
         if Path(tmp).exists():
             os.unlink(tmp)
         shutil.rmtree(staging, ignore_errors=True)
-        if old is None:
-            os.environ.pop("PRUNING_LAB_RESULTS", None)
-        else:
-            os.environ["PRUNING_LAB_RESULTS"] = old
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
     return target
 
 
@@ -342,71 +389,3 @@ def install_kernel() -> Path:
     with atomic_path(folder / "kernel.json") as tmp:
         tmp.write_text(json.dumps(spec, indent=1) + "\n")
     return folder
-
-
-def _parse_value(text: str):
-    import yaml
-
-    return yaml.safe_load(text)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pruning_lab.workbook", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("list", help="list the notebooks and their parameters")
-    sub.add_parser("install-kernel", help="register the venv's Jupyter kernel 'pruning-lab'")
-    sub.add_parser("check", help="check the set-up (data, corpus, model cache) and print what was found")
-    run = sub.add_parser("run", help="execute notebooks with papermill")
-    run.add_argument("notebook", help="'all', a number like 01, a stem, or a path")
-    run.add_argument("--params", help="'smoke', 'paper', or a YAML file")
-    run.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                     help="override one parameter (value parsed as YAML)")
-    run.add_argument("--out", help="folder for the executed copies (default: in place, or runs/<tag>/)")
-    run.add_argument("--cell-timeout", type=float, metavar="SECONDS",
-                     help="fail a cell that runs longer than this (default: no limit)")
-    bk = sub.add_parser("book", help="render the committed notebooks to a static web edition (build/book/)")
-    bk.add_argument("--out", default=str(ROOT / "build" / "book"), help="output folder (default: build/book/)")
-    sw = sub.add_parser("sweep", help="run a parameter sweep (a YAML of notebook, params, grid) on Dask")
-    sw.add_argument("sweep", help="a sweep YAML path or a name in notebooks/params/sweeps/")
-    sw.add_argument("--engine", default="local", help="'local': a LocalCluster, one 1-thread worker per core")
-    sw.add_argument("--workers", type=int, help="local workers (default: one per core)")
-    sw.add_argument("--scheduler", help="address of a running Dask scheduler, e.g. tcp://host:8786")
-    sw.add_argument("--cluster", help="YAML of dask_jobqueue.SLURMCluster/PBSCluster options (kind, jobs, ...)")
-    sw.add_argument("--out", help="parent folder of the sweep's folder (default: runs/sweeps/)")
-    args = parser.parse_args(argv)
-
-    if args.cmd == "list":
-        for nb in notebooks():
-            print(f"{nb.stem}: " + ", ".join(f"{k}={v}" for k, v in declared_parameters(nb).items()))
-        return 0
-    if args.cmd == "install-kernel":
-        print(f"installed kernel {KERNEL_NAME!r} in {install_kernel()}")
-        return 0
-    if args.cmd == "check":
-        for key, value in check_setup().items():
-            print(f"{key:>7}: {value}")
-        return 0
-    if args.cmd == "book":
-        from . import book
-
-        res = book.build(notebooks(), ROOT / "results", ROOT / "README.md", Path(args.out))
-        print(f"wrote {len(res.pages)} pages to {res.out} in {res.seconds:.1f} s; open {res.out / 'index.html'}")
-        for f in res.failures:
-            print(f"not rendered: {f}", file=sys.stderr)
-        return 1 if res.failures else 0
-    if args.cmd == "sweep":
-        from . import sweep
-
-        return sweep.main(args=args)
-    overrides = {name: _parse_value(value) for name, value in args.p}
-    targets = [nb.stem for nb in notebooks()] if args.notebook == "all" else [args.notebook]
-    for key in targets:
-        print(f"== {key}", flush=True)
-        path = run_notebook(key, args.params, overrides, args.out, cell_timeout=args.cell_timeout)
-        print(f"   wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -45,6 +45,82 @@ def _hand_trace():
     return p, t
 
 
+def _jsonl(tmp_path, *rows):
+    path = tmp_path / "problems.jsonl"
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_jsonl_loader_reads_gsm8k_answers_exactly(tmp_path):
+    path = _jsonl(tmp_path, {"question": "1+1?", "answer": "It is 2.\n#### 2"}, "",
+                  {"question": "big?", "answer": "600 + 634 = 1234\n#### 1,234"},
+                  {"question": "3*4?", "answer": 12}, {"question": "neg?", "answer": " -7. "})
+    probs = cot.load_jsonl(path)
+    assert [(p.question, p.answer) for p in probs] == [("1+1?", 2), ("big?", 1234), ("3*4?", 12), ("neg?", -7)]
+    assert all(p.trace_steps == () and p.redundant is None for p in probs)
+
+
+@pytest.mark.parametrize("answer", ["#### half of 5", "3.5", "#### 5 or 6", True, None, "It is 2."])
+def test_jsonl_loader_refuses_an_answer_that_is_not_exactly_one_integer(tmp_path, answer):
+    path = _jsonl(tmp_path, {"question": "ok", "answer": 1}, {"question": "q", "answer": answer})
+    with pytest.raises(ValueError, match=rf"problems\.jsonl:2: the answer .* is not exactly one integer"):
+        cot.load_jsonl(path)
+
+
+def test_jsonl_loader_refuses_a_bad_line_instead_of_skipping_it(tmp_path):
+    good = {"question": "3*4?", "answer": 12}
+    for bad, why in [({"question": "no answer"}, 'no "answer"'), ("{not json", "not JSON"),
+                     ("[1, 2]", "not a JSON object"), ({"q": 1, "answer": 2}, 'no "question"')]:
+        with pytest.raises(ValueError, match=rf"problems\.jsonl:3: {why}") as e:
+            cot.load_jsonl(_jsonl(tmp_path, good, "", bad, good))
+        assert "\n" not in str(e.value)
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        cot.load_jsonl(tmp_path / "missing.jsonl")
+    with pytest.raises(ValueError, match="no usable problem"):
+        cot.load_jsonl(_jsonl(tmp_path, "", "  "))
+
+
+def test_jsonl_loader_keeps_labelled_steps_and_file_trace_scores_them_by_hand(tmp_path):
+    steps = ["We need the total.", "Step 1: 3 + 4 = 7.", "Let me check: 3 + 4 is 7.", "Step 2: 7 * 2 = 14."]
+    path = _jsonl(tmp_path, {"question": "q1", "answer": "#### 14", "steps": steps,
+                             "labels": ["redundant", "necessary", "redundant", "necessary"]},
+                  {"question": "q2", "answer": 14, "steps": steps, "redundant": [True, False, True, False]},
+                  {"question": "q3", "answer": 5, "steps": steps[:2]})
+    a, b, c = cot.load_jsonl(path)
+    assert a.trace_steps == b.trace_steps == tuple(steps) and a.redundant == b.redundant == (True, False, True, False)
+    assert c.trace_steps == tuple(steps[:2]) and c.redundant is None
+    t = cot.file_trace(a)
+    assert (t.question, t.cot, t.answer, t.redundant) == ("q1", "\n\n".join(steps), 14, [True, False, True, False])
+    assert cot.precision_recall(t, keep=[1, 3]) == (1.0, 1.0)
+    assert cot.precision_recall(t, keep=[0, 1]) == (0.5, 0.5)  # removed step 2 (redundant) and step 3 (necessary)
+    assert cot.file_trace(c).redundant is None
+    with pytest.raises(ValueError, match="needs a labelled trace"):
+        cot.precision_recall(cot.file_trace(c), keep=[0])
+    with pytest.raises(ValueError, match="file_trace needs a problem whose file gave its steps"):
+        cot.file_trace(cot.make_problems(1)[0])
+
+
+def test_jsonl_loader_refuses_bad_steps_and_labels(tmp_path):
+    steps = ["a.", "b.", "c."]
+    cases = [({"steps": steps, "labels": ["necessary", "redundant"]}, r'2 "labels" for 3 "steps"'),
+             ({"steps": steps, "redundant": [True, False, True, False]}, r'4 "redundant" for 3 "steps"'),
+             ({"labels": ["necessary", "redundant"]}, r'"labels" without "steps"'),
+             ({"steps": steps, "labels": ["necessary", "maybe", "redundant"]}, r'"labels" holds .maybe.'),
+             ({"steps": steps, "redundant": [1, 0, 1]}, r'"redundant" holds 1'),
+             ({"steps": ["only one"], "redundant": [True]}, r"\"steps\" must be a list of at least two"),
+             ({"steps": ["a.", "  "], "redundant": [True, False]}, r"step 2 .* not a non-empty string"),
+             ({"steps": ["a.\n\nb.", "c."], "redundant": [True, False]}, r"step 1 holds a blank line")]
+    for extra, why in cases:
+        with pytest.raises(ValueError, match=rf"problems\.jsonl:1: {why}"):
+            cot.load_jsonl(_jsonl(tmp_path, {"question": "q", "answer": 3, **extra}))
+    steps_only = _jsonl(tmp_path, {"question": "q", "answer": 3, "steps": steps})
+    assert cot.load_jsonl(steps_only)[0].redundant is None
+    with pytest.raises(ValueError, match=r"problems\.jsonl:1: \"steps\" without labels.*required"):
+        cot.load_jsonl(steps_only, require_labels=True)
+    with pytest.raises(ValueError, match=r"problems\.jsonl:1: no labelled steps.*required"):
+        cot.load_jsonl(_jsonl(tmp_path, {"question": "q", "answer": 3}), require_labels=True)
+
+
 # --------------------------------------------------------------------------- segmentation and encoding
 
 
@@ -242,11 +318,11 @@ def test_precision_recall_by_hand_and_refusals(tok):
     assert cot.precision_recall(t, keep=[1, 3]) == (1.0, 1.0)
     assert cot.precision_recall(t, keep=[0, 1]) == (0.5, 0.5)  # removed c (redundant) and d (necessary)
     assert cot.precision_recall(t, keep=[0, 1, 2, 3]) == (1.0, 0.0)
-    with pytest.raises(ValueError, match="3 labels for 4 steps"):
+    with pytest.raises(ValueError, match=r"3 label\(s\) for 4 step\(s\)"):
         cot.precision_recall(rs.Trace("q", "a\n\nb\n\nc\n\nd", 1, redundant=[True, False, True]), keep=[0])
-    with pytest.raises(ValueError, match="outside the 4 steps"):
+    with pytest.raises(ValueError, match="keep holds 4, not a step index"):
         cot.precision_recall(t, keep=[0, 4])
-    with pytest.raises(ValueError, match="no labels"):
+    with pytest.raises(ValueError, match="needs a labelled trace"):
         cot.precision_recall(rs.Trace("q", "a\n\nb", 1), keep=[0])
 
 
@@ -298,54 +374,15 @@ def test_oracle_precision_recall_of_a_perfect_score_is_one(tok):
 # --------------------------------------------------------------------------- problem files
 
 
-def _write(tmp_path, rows):
-    path = tmp_path / "p.jsonl"
-    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
-    return path
-
-
-def test_jsonl_reads_gsm8k_answers_exactly_and_keeps_labelled_steps(tmp_path):
-    path = _write(tmp_path, [{"question": "1+1?", "answer": "It is 2.\n#### 2"}, "",
-                             {"question": "big?", "answer": "#### 1,234"},
-                             {"question": "3*4?", "answer": 12, "steps": ["3 * 4 = 12.", "So 12."],
-                              "labels": ["necessary", "redundant"]},
-                             {"question": "x?", "answer": "-5", "steps": ["a", "b"], "redundant": [True, False]}])
-    probs = cot.load_jsonl(path)
-    assert [(p.question, p.answer) for p in probs] == [("1+1?", 2), ("big?", 1234), ("3*4?", 12), ("x?", -5)]
-    assert probs[2].trace_steps == ("3 * 4 = 12.", "So 12.") and probs[2].redundant == (False, True)
-    t = cot.file_trace(probs[2])
-    assert t.cot == "3 * 4 = 12.\n\nSo 12." and t.redundant == [False, True]
-    assert cot.precision_recall(t, keep=[0]) == (1.0, 1.0)
-
-
-@pytest.mark.parametrize("row, match", [
-    ({"question": "q", "answer": "half of 5"}, r"p.jsonl:2: the answer 'half of 5' is not exactly one integer"),
-    ({"question": "q", "answer": "#### 3.5"}, r"p.jsonl:2: .*'3.5' is not exactly one integer"),
-    ({"question": "q", "answer": "5 or 6"}, r"p.jsonl:2: .*not exactly one integer"),
-    ({"question": "q", "answer": True}, r"p.jsonl:2: the answer True is not an integer"),
-    ({"question": "q"}, r"p.jsonl:2: each line needs"),
-    ("{not json", r"p.jsonl:2: not a JSON object"),
-    ({"question": "q", "answer": 1, "steps": ["a", "b"], "labels": ["necessary"]}, r"p.jsonl:2: 1 labels for 2 steps"),
-    ({"question": "q", "answer": 1, "steps": ["a", "b"], "labels": ["needed", "x"]}, r"p.jsonl:2: label 'needed'"),
-    ({"question": "q", "answer": 1, "labels": [True]}, r"p.jsonl:2: labels without"),
-    ({"question": "q", "answer": 1, "steps": ["a\n\nb", "c"]}, r"p.jsonl:2: a step contains a blank line"),
-])
-def test_jsonl_refuses_a_bad_line_in_one_line_naming_it(tmp_path, row, match):
-    path = _write(tmp_path, [{"question": "ok", "answer": 1}, row])
-    with pytest.raises(ValueError, match=match) as e:
-        cot.load_jsonl(path)
-    assert "\n" not in str(e.value)
-
-
-def test_jsonl_refuses_steps_without_labels_where_labels_are_required(tmp_path):
-    path = _write(tmp_path, [{"question": "q", "answer": 1, "steps": ["a", "b"]}])
-    assert cot.load_jsonl(path)[0].trace_steps == ("a", "b")
-    with pytest.raises(ValueError, match=r"p.jsonl:1: the steps have no labels"):
-        cot.load_jsonl(path, require_labels=True)
-    with pytest.raises(ValueError, match=r"p.jsonl:1: no \"steps\" with \"labels\""):
-        cot.load_jsonl(_write(tmp_path, [{"question": "q", "answer": 1}]), require_labels=True)
-    with pytest.raises(FileNotFoundError):
-        cot.load_jsonl(tmp_path / "missing.jsonl")
+def test_precision_recall_refuses_labels_that_do_not_fit_the_steps():
+    with pytest.raises(ValueError, match=r"3 label\(s\) for 4 step\(s\)"):
+        cot.precision_recall(cot.Trace("q", "a\n\nb\n\nc\n\nd", 1, redundant=[True, False, True]), keep=[0])
+    with pytest.raises(ValueError, match="needs a labelled trace"):
+        cot.precision_recall(cot.Trace("q", "a\n\nb", 1), keep=[0])
+    t = cot.Trace("q", "a\n\nb", 1, redundant=[True, False])
+    for bad in (2, -1):
+        with pytest.raises(ValueError, match=rf"keep holds {bad}, not a step index"):
+            cot.precision_recall(t, keep=[bad])
 
 
 # --------------------------------------------------------------------------- parallel traces

@@ -89,6 +89,18 @@ def test_corpus_missing_gives_the_fix(tmp_path):
         data.python_docs_corpus(tmp_path)
 
 
+def test_the_data_folders_are_read_from_the_environment_when_used(tmp_path, monkeypatch):
+    # set after the import, as a notebook or a test does: still obeyed (the folders were read at import time)
+    monkeypatch.setenv("PRUNING_LAB_PYTHON_DOCS", str(tmp_path / "docs"))
+    with pytest.raises(FileNotFoundError, match=f"No Python documentation sources in {tmp_path / 'docs'}"):
+        data.python_docs_corpus()
+    monkeypatch.setenv("PRUNING_LAB_FASHION_MNIST", str(tmp_path / "fm"))
+    assert data.fashion_mnist_dir() == tmp_path / "fm"
+    monkeypatch.setenv("PRUNING_LAB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match=f"Fashion-MNIST was not found in {tmp_path / 'fm'}"):
+        data.load_fashion_mnist(download=False)
+
+
 class CharTokenizer:
     """One token per character: enough to test windowing by hand."""
 

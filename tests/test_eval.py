@@ -174,25 +174,42 @@ def test_bad_training_config():
         TrainConfig(optimizer="lbfgs")
 
 
-def test_paired_verdicts_by_hand():
-    # differences 1, 1, 0 -> mean 2/3, std 0.577, 2*sem = 0.667: not above -> within noise
-    r = ev.paired([1, 1, 1], [0, 0, 1])
-    assert r["n"] == 3 and r["mean_difference"] == pytest.approx(2 / 3) and r["std_difference"] == pytest.approx(0.57735, abs=1e-4)
-    assert r["verdict"] == "within noise"
-    assert ev.paired([2, 3, 4, 5], [1, 2, 3, 4])["verdict"] == "A better"  # every difference +1, std 0
-    assert ev.paired([0.5, 0.4, 0.6], [0.9, 0.8, 0.95])["verdict"] == "B better"
-    assert ev.paired([1, 2], [0, 0])["verdict"] == "within noise"  # fewer than 3 pairs never decide
-    with pytest.raises(ValueError, match="equal length"):
-        ev.paired([1, 2, 3], [1, 2])
+def test_eval_compares_with_the_one_noise_test_of_stats():
+    # eval re-exports stats' names: no second rule anywhere (the old one called 2 standard errors "beyond noise")
+    from pruning_lab import stats
+
+    assert (ev.paired, ev.paired_text, ev.mean_std) == (stats.paired, stats.paired_text, stats.mean_std)
+    # differences 0.6, 0.7, 0.2 points: mean 0.5 = 3.3 standard errors, p = 0.08 with 2 degrees of freedom
+    r = ev.paired([85.6, 86.3, 85.9], [85.0, 85.6, 85.7])
+    assert r["mean_difference"] == pytest.approx(0.5) and r["verdict"] == "within noise"
+    assert r["p_value"] == pytest.approx(0.0822, abs=1e-3)
+    assert ev.paired_text(r, "A", "B", scale=1) == "+0.50 ± 0.26 pts, within noise (p = 0.082)"
+    p = ev.paired([0.80, 0.82, 0.84], [0.78, 0.79, 0.80])  # differences 0.02, 0.03, 0.04: t = 5.2, p = 0.035
+    assert ev.paired_text(p, "ticket", "dense") == "+3.00 ± 1.00 pts, ticket better (p = 0.035)"
+    assert ev.paired_text(p, marks=True) == "+3.00 ± 1.00 **+**"
+    q = ev.paired([1.0, 2.0], [1.5, 1.5])  # two pairs: no verdict at all
+    assert q["verdict"] == "too few pairs" and ev.paired_text(q, "x", "y", scale=1, digits=1, unit="") == "+0.0 ± 0.7, n = 2, no test"
+    assert ev.paired_text(ev.paired([0.5], [0.4]), marks=True) == "+10.00 ·"  # one pair: single-seed, no spread
+    assert ev.mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5)) and ev.mean_std([5.0, None]) == (5.0, 0.0)
 
 
-def test_mean_std_and_paired_text_by_hand():
-    from pruning_lab.eval import mean_std, paired, paired_text
+def test_next_token_loss_by_hand():
+    # the table LM predicts token (t + 1) mod 3 with logits [log 2, 0, 0] shifted: p(right) = 1/2 every position
+    table = torch.full((3, 3), 0.0)
+    for t in range(3):
+        table[t, (t + 1) % 3] = math.log(2.0)
+    lm = TableLM(table)
+    ids = torch.tensor([[0, 1, 2, 0], [2, 0, 1, 2]])
+    assert ev.next_token_loss(lm, ids).item() == pytest.approx(math.log(2))  # every next token is the predicted one
+    wrong = torch.tensor([[0, 0, 0]])  # predicted 1, got 0: p = 1/4
+    assert ev.next_token_loss(lm, wrong).item() == pytest.approx(math.log(4))
 
-    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5)) and mean_std([5.0]) == (5.0, 0.0)
-    p = paired([0.80, 0.82, 0.84], [0.78, 0.79, 0.80])  # differences 0.02, 0.03, 0.04: mean 0.03, std 0.01
-    assert paired_text(p, "ticket", "dense") == "+3.00 ± 1.00 pts, ticket better"
-    assert paired_text(p, marks=True) == "+3.00 ± 1.00 **+**"
-    q = paired([1.0, 2.0], [1.5, 1.5])  # two pairs: never beyond noise
-    assert paired_text(q, "x", "y", scale=1, digits=1, unit="") == "+0.0 ± 0.7, within noise"
-    assert paired_text(paired([0.5], [0.4]), marks=True) == "+10.00 ≈"  # one pair: no spread to show
+
+def test_lm_comparison_record_keeps_what_the_model_is_beside_its_measurements():
+    table = torch.zeros(7, 7)
+    table[torch.arange(7), (torch.arange(7) + 1) % 7] = math.log(6.0)  # right token: prob 6/12 = 1/2
+    ids = torch.arange(70) % 7
+    compare = ev.LMComparison(TableLM(table), ids, seq_len=10, batch_size=2)
+    row = compare.record(TableLM(table), speed=False, method="hand", ratio=0.5)
+    assert row == {"method": "hand", "ratio": 0.5, "params": 49, "perplexity": pytest.approx(2.0)}
+    assert compare.rows == [row] and "prefill_speedup" not in row

@@ -432,7 +432,8 @@ def test_committed_run_matches_its_rendered_conclusion():
     assert f"({len(r['seeds'])} seeds," in text
     better = [f"{100 * c['weights_remaining']:.1f}%" for c in r["paired"]["ticket − dense"] if c["verdict"] == "A better"]
     line = next(x for x in text.splitlines() if "Ticket vs dense net" in x)
-    assert line.split("higher beyond noise at ")[1].split(";")[0] == (", ".join(better) or "no level")
+    assert line.split("higher at the 5% level at ")[1].split(";")[0] == (", ".join(better) or "no level")
+    assert all(c["test"] == "paired Student t, two-sided" for rows in r["paired"].values() for c in rows)
     assert {p["rewind_iteration"] for p in r["rewind"]["points"]} == set(r["params"]["rewind_iterations"])
     assert all(w["ticket_s"] > 0 for w in r["wall_time_s"]["per_level_mean_over_seeds"])
 
@@ -494,3 +495,30 @@ def test_levels_with_and_difference_range_by_hand():
             {"weights_remaining": 0.108, "mean_difference": 0.0079, "verdict": "A better"}]
     assert levels_with(rows, "A better") == "41.1%, 10.8%" and levels_with(rows, "B better") == "no level"
     assert difference_range(rows) == "-0.05 to +0.79" and difference_range([]) == "–"
+
+
+def test_readme_quotes_the_committed_chapter_2_run():
+    """The README's chapter-2 paragraph names exactly the verdicts with p < 0.01 of results/02_lottery_tickets.json
+    (those a rerun on another machine should keep) and calls the ones with 0.01 <= p < 0.05 fragile."""
+    root = Path(__file__).resolve().parents[1]
+    r = json.loads((root / "results" / "02_lottery_tickets.json").read_text())
+    readme = " ".join((root / "README.md").read_text().split())
+    assert f"committed run ({len(r['seeds'])} seeds)" in readme and len(r["seeds"]) >= 8
+
+    def firm(name, verdict):
+        return [round(100 * c["weights_remaining"]) for c in r["paired"][name] if c["verdict"] == verdict and c["p_value"] < 0.01]
+
+    def fragile(name, verdict):
+        return [round(100 * c["weights_remaining"]) for c in r["paired"][name]
+                if c["verdict"] == verdict and 0.01 <= c["p_value"] < 0.05]
+
+    assert firm("ticket − dense", "A better") == [41, 26, 17, 11] and "above the dense net at 41%, 26%, 17% and 11%" in readme
+    assert firm("ticket − re-init", "A better") == [17, 11] and "random re-initialisation at 17% and 11%" in readme
+    assert firm("ticket − random mask", "A better") == [26, 17, 11] and "per-layer sizes from 26% down" in readme
+    assert firm("early stop: ticket − dense (iterations)", "B better") == [26, 17] and "dense net at 26% and 17%" in readme
+    rw = r["rewind"]["paired_vs_first_k"][0]
+    assert rw["early_stop"]["verdict"] == "A better" and rw["early_stop"]["p_value"] < 0.01
+    assert f"rewinding to k = {rw['k']} beats k = 0 at early stop" in readme
+    assert fragile("ticket − dense", "A better") == [64] and fragile("ticket − re-init", "A better") == [26]
+    assert fragile("ticket − one-shot", "B better") == [17] and "below one-shot pruning at 17%" in readme
+    assert "those may turn on a rerun" in readme

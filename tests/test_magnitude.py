@@ -47,6 +47,48 @@ def test_ties_are_pruned_in_order_to_the_exact_count():
         assert int((~mg.global_magnitude_masks(zeros, s)["weight"]).sum()) == round(s * 100)
 
 
+def _reference_masks(tensors, n_prune):
+    """Brute force: a stable sort of every |w| in tensor order, then index order; the first n_prune go."""
+    flat = torch.cat([t.detach().float().abs().reshape(-1) for t in tensors])
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    keep[torch.sort(flat, stable=True).indices[:n_prune]] = False
+    return [m.view(t.shape) for m, t in zip(keep.split([t.numel() for t in tensors]), tensors)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_radix_select_equals_a_stable_sort_with_many_ties(threads):
+    # values on a coarse grid (as dequantised 4-bit weights are): thousands of exact ties at any threshold;
+    # tensors large enough that the worker pool takes them in parallel, plus fp16 and bf16 ones
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randint(-40, 41, shape, generator=g).float() / 16 for shape in [(300, 400), (7,), (256, 513)]]
+    tensors += [(torch.randint(-40, 41, (200, 300), generator=g) / 16).to(torch.float16),
+                (torch.randint(-40, 41, (100, 90), generator=g) / 16).to(torch.bfloat16)]
+    total = sum(t.numel() for t in tensors)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for frac in (0.0, 0.001, 0.37, 0.5, 0.999):
+            n = round(frac * total)
+            ours = mg._prune_smallest(tensors, n)
+            assert torch.get_num_threads() == threads  # the call restores the thread count
+            for a, b in zip(ours, _reference_masks(tensors, n)):
+                assert torch.equal(a, b), frac
+    finally:
+        torch.set_num_threads(prev)
+
+
+def test_thread_count_is_restored_when_selection_fails(monkeypatch):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(mg, "_high_bits", lambda w: (_ for _ in ()).throw(RuntimeError("boom")))
+        with pytest.raises(RuntimeError, match="boom"):
+            mg.global_magnitude_masks(TwoLayer(), 0.5)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(prev)
+
+
 @pytest.mark.parametrize("sparsity", [0.0, 0.2, 0.5, 0.9, 0.97])
 def test_equal_to_torch_prune_global_unstructured(sparsity):
     torch.manual_seed(0)
@@ -92,6 +134,10 @@ def test_bad_input_is_refused_and_the_model_is_unchanged():
     for bad in (-0.1, 1.0, 1.5, float("nan"), "0.5"):
         with pytest.raises(ValueError, match="sparsity"):
             mg.global_magnitude_masks(m, bad)
+    n = sum(p.numel() for p in mg.prunable_parameters(m).values())
+    with pytest.raises(ValueError, match=f"rounds to pruning all {n} weights"):
+        mg.global_magnitude_masks(m, 1 - 0.4 / n)  # below 1.0, yet round(s * n) == n: nothing would be kept
+    assert sum(int(x.sum()) for x in mg.global_magnitude_masks(m, 1 - 1 / n).values()) == 1  # one weight kept
     with pytest.raises(ValueError, match="min_per_layer"):
         mg.global_magnitude_masks(m, 0.9, min_per_layer=0.5)  # floors keep 5, 0.9 leaves 1
     with pytest.raises(ValueError, match="min_per_layer"):
@@ -239,7 +285,7 @@ def test_notebook_smoke_run_records_its_numbers(smoke_runs):
     assert results["params"]["seeds"] == [0] and len(results["dense_accuracy_per_seed"]) == 1
     (small,) = results["large_sparse_vs_small_dense"]  # at 90%: a (33, 11) net, both layers >= 10 units
     assert small["small_dense_hidden"] == [33, 11] and small["small_dense_weights"] <= small["large_sparse_weights"]
-    assert small["large_minus_small"]["n"] == 1 and small["large_minus_small"]["verdict"] == "within noise"
+    assert small["large_minus_small"]["n"] == 1 and small["large_minus_small"]["verdict"] == "too few pairs"  # one seed
 
 
 def test_committed_notebook_results_tell_the_story():
@@ -249,7 +295,7 @@ def test_committed_notebook_results_tell_the_story():
     import json
     from pathlib import Path
 
-    from pruning_lab.eval import paired
+    from pruning_lab.stats import paired, paired_text
 
     root = Path(__file__).resolve().parents[1]
     saved = json.loads((root / "results" / "01_global_magnitude.json").read_text())
@@ -274,11 +320,17 @@ def test_committed_notebook_results_tell_the_story():
     table = next("".join(o["data"]["text/markdown"]) for c in nb["cells"] if c["cell_type"] == "code"
                  for o in c.get("outputs", []) if "Large-sparse beats small-dense" in "".join(o.get("data", {}).get("text/markdown", "")))
     for r in saved["gradual_vs_oneshot"]:
-        word = {"A better": "gradual better", "B better": "one-shot better", "within noise": "within noise"}
         d = r["gradual_minus_oneshot"]
         assert (f"{r['sparsity']}: gradual {r['gradual_accuracy']:.3f} vs one-shot {r['oneshot_accuracy']:.3f} "
-                f"({100 * d['mean_difference']:+.2f} ± {100 * d['std_difference']:.2f} pts, {word[d['verdict']]})") in table
-    assert f"{len(seeds)} seeds, paired" in table
+                f"({paired_text(d, 'gradual', 'one-shot')})") in table
+        assert d["test"] == "paired Student t, two-sided" and d["level"] == 0.05  # the workbook's one noise test
+    for other, rows in saved["global_vs_other_allocations"].items():
+        curves = saved["accuracy_vs_sparsity"]
+        for row in rows:
+            i = [c["sparsity"] for c in curves["global"]].index(row["sparsity"])
+            assert row["verdict"] == paired(curves["global"][i]["accuracy_per_seed"],
+                                            curves[other][i]["accuracy_per_seed"])["verdict"]
+    assert f"{len(seeds)} seeds, paired" in table and "single run" in table
 
 
 def test_prune_and_finetune_keeps_the_mask_and_reports_both_accuracies():
@@ -309,3 +361,39 @@ def test_small_dense_widths_by_hand():
     # 2%: even 10 + 10 units need 784*10 + 100 + 100 = 8,040 weights
     assert mg.small_dense_widths(5_324) is None
     assert mg.small_dense_widths(8_040) == (10, 10) and mg.small_dense_widths(266_200) == (300, 100)
+
+
+def test_readme_quotes_the_committed_chapter_1_run():
+    """The README's chapter-1 paragraph says what results/01_global_magnitude.json says, in words that a rerun on
+    another machine should keep: it names only differences with p < 0.01."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = json.loads((root / "results" / "01_global_magnitude.json").read_text())
+    readme = " ".join((root / "README.md").read_text().split())
+    assert f"with {len(r['params']['seeds'])} seeds" in readme and len(r["params"]["seeds"]) >= 5
+    called = [x for rows in r["global_vs_other_allocations"].values() for x in rows] + \
+        [x["gradual_minus_oneshot"] for x in r["gradual_vs_oneshot"]] + \
+        [x["large_minus_small"] for x in r["large_sparse_vs_small_dense"]] + [r["layer_collapse"]["mt_minus_global"]]
+    assert "every difference the notebook calls has p < 0.01" in readme
+    assert all(x["p_value"] < 0.01 for x in called if x["verdict"] in ("A better", "B better"))
+    verdicts = {m: {x["sparsity"]: x["verdict"] for x in rows} for m, rows in r["global_vs_other_allocations"].items()}
+    assert "global beats layer-wise at every sparsity from 80%" in readme
+    assert set(verdicts["layerwise"].values()) == {"A better"} and min(verdicts["layerwise"]) == 0.8
+    assert "ERK beats global from 95% (within noise at 80% and 90%)" in readme
+    assert verdicts["erk"] == {0.8: "within noise", 0.9: "within noise", 0.95: "B better", 0.98: "B better", 0.995: "B better"}
+    gradual = {x["sparsity"]: x for x in r["gradual_vs_oneshot"]}
+    assert "gradual pruning beats one-shot + fine-tuning from 95% (within noise at 90%)" in readme
+    assert {s: x["gradual_minus_oneshot"]["verdict"] for s, x in gradual.items()} == \
+        {0.9: "within noise", 0.95: "A better", 0.98: "A better", 0.995: "A better"}
+    assert (f"keeps {100 * gradual[0.995]['gradual_accuracy']:.1f}% accuracy at 99.5% sparsity where one-shot gets "
+            f"{100 * gradual[0.995]['oneshot_accuracy']:.1f}%") in readme
+    small = r["large_sparse_vs_small_dense"]
+    assert [x["sparsity"] for x in small] == [0.9, 0.95] and "by about 2 points" in readme
+    assert all(x["large_minus_small"]["verdict"] == "A better" and 0.015 < x["large_minus_small"]["mean_difference"] < 0.025
+               for x in small)
+    c = r["layer_collapse"]
+    assert f"MT ({c['min_per_layer']} weights per layer) restores {100 * c['global_mt_accuracy']:.1f}%" in readme
+    assert c["first_empty_layer_sparsity_trained"] is None and c["first_empty_layer_sparsity_at_init"] == 0.98
+    assert f"held-out perplexity {r['dense_perplexity']:.1f}" in readme and "single run of one model" in readme

@@ -97,3 +97,28 @@ def test_mean_std_and_text_by_hand():
     q = stats.paired([1.0, 2.0], [1.5, 1.5])
     assert stats.paired_text(q, "x", "y", scale=1, digits=1, unit="") == "+0.0 ± 0.7, n = 2, no test"
     assert stats.paired_text(stats.paired([0.5], [0.4]), marks=True) == "+10.00 ·"
+
+
+def test_paired_lower_on_log_values_by_hand():
+    # a is exactly half of b on every seed: log differences all equal -> a certain difference, ratio 0.5
+    r = stats.paired_lower([10.0, 20.0, 40.0], [20.0, 40.0, 80.0])
+    assert r["verdict"] == "A better" and r["p_value"] < 1e-12 and r["value_ratio"] == pytest.approx(0.5)
+    # ratios 0.5, 1, 2: the log differences -log2, 0, log2 have mean 0 -> geometric mean ratio 1, within noise
+    r = stats.paired_lower([5.0, 10.0, 40.0], [10.0, 10.0, 20.0])
+    assert r["value_ratio"] == pytest.approx(1.0) and r["verdict"] == "within noise"
+    # the same test as paired() on -log, by hand: d = log(b/a) = log 2, log 4, log 2 -> mean log(2^(4/3))
+    a, b = [10.0, 10.0, 10.0], [20.0, 40.0, 20.0]
+    r, q = stats.paired_lower(a, b), stats.paired([-math.log(x) for x in a], [-math.log(x) for x in b])
+    assert r["value_ratio"] == pytest.approx(2 ** (-4 / 3)) and r["p_value"] == pytest.approx(q["p_value"])
+    assert stats.paired_lower([1.0, 2.0], [2.0, 3.0])["verdict"] == "too few pairs"
+    with pytest.raises(ValueError, match="positive"):
+        stats.paired_lower([1.0, 0.0, 2.0], [1.0, 1.0, 1.0])
+
+
+def test_ratio_text_by_hand():
+    p = {"n": 3, "verdict": "A better", "p_value": 0.0031, "value_ratio": 0.934, "level": 0.05}
+    assert stats.ratio_text(p) == "×0.93 (lower at the 5% level, p = 0.0031)"
+    assert stats.ratio_text({**p, "verdict": "B better"}, "a", "adaptive higher") == \
+        "×0.93 (adaptive higher at the 5% level, p = 0.0031)"
+    assert stats.ratio_text({**p, "verdict": "within noise", "p_value": 0.42}) == "×0.93 (within noise, p = 0.42)"
+    assert stats.ratio_text({**p, "n": 1, "verdict": "too few pairs"}) == "×0.93 (1 seed(s): no test)"

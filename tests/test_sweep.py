@@ -179,17 +179,93 @@ def test_cli_sweep_runs_and_refuses_unknown_key(nb, tmp_path):
 
     good = tmp_path / "s.yaml"
     good.write_text(yaml.safe_dump({"name": "cli", "notebook": str(nb), "grid": {"seed": [3]}, "aggregate": ["score"]}))
-    r = subprocess.run([sys.executable, "-m", "pruning_lab.workbook", "sweep", str(good), "--workers", "1",
+    r = subprocess.run([sys.executable, "-m", "pruning_lab", "sweep", str(good), "--workers", "1",
                         "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "1/1 complete" in r.stdout
     assert sweep.load_summary(tmp_path / "o" / "cli")["rows"][0]["results"]["score"] == 4.0
     bad = tmp_path / "b.yaml"
     bad.write_text(yaml.safe_dump({"name": "cli2", "notebook": str(nb), "grid": {"sede": [3]}}))
-    r = subprocess.run([sys.executable, "-m", "pruning_lab.workbook", "sweep", str(bad),
+    r = subprocess.run([sys.executable, "-m", "pruning_lab", "sweep", str(bad),
                         "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "no parameter named 'sede'" in r.stderr
     assert not (tmp_path / "o" / "cli2").exists()
+
+
+def test_sweep_names_are_plain_and_bad_files_are_one_line(nb, tmp_path):
+    for bad in ("..", ".", "a/b", "-x", ".hidden", "two words"):
+        with pytest.raises(SystemExit, match="must be a plain name"):
+            sweep.load_sweep(spec(nb, name=bad), tmp_path / "out")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(f"name: t\nnotebook: {nb}\ngrid: {{seed: [0, 1}}\n")
+    with pytest.raises(SystemExit) as err:
+        sweep.load_sweep(str(broken), tmp_path / "out")
+    assert str(err.value).startswith(f"{broken}:3:") and "\n" not in str(err.value)
+    with pytest.raises(SystemExit, match="No sweep 'lottery-5seed': .* lottery-5seeds-paper, lottery-5seeds-smoke"):
+        sweep.load_sweep("lottery-5seed", tmp_path / "out")
+    with pytest.raises(SystemExit, match=f"No sweep file nope.yaml: {Path.cwd() / 'nope.yaml'} does not exist"):
+        sweep.load_sweep("nope.yaml", tmp_path / "out")
+    with pytest.raises(SystemExit, match=r"the sweep grid: scale='2' is not allowed; 97_sweepy.ipynb takes a number"):
+        sweep.load_sweep(spec(nb, grid={"scale": ["2"]}), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def one_run(nb, out, client, **kw):
+    sw = sweep.load_sweep({"name": "ident", "notebook": str(nb), "grid": {"seed": [1]}, **kw}, out)
+    return sw, sweep.run_sweep(sw, client, progress=False)
+
+
+def test_a_changed_base_params_file_reruns_the_run(nb, tmp_path, local_client):
+    base = tmp_path / "base.yaml"
+    base.write_text("scale: 2.0\n")
+    sw, s = one_run(nb, tmp_path / "out", local_client, params=str(base))
+    assert s["ran"] == ["seed=1"] and s["rows"][0]["results"]["score"] == 4.0
+    assert one_run(nb, tmp_path / "out", local_client, params=str(base))[1]["skipped"] == 1  # unchanged: reused
+    base.write_text("scale: 3.0\n")  # the same file name, another value: before, "1/1 complete (1 skipped)"
+    sw, s = one_run(nb, tmp_path / "out", local_client, params=str(base))
+    assert s["changed"] == ["seed=1"] and s["ran"] == ["seed=1"] and s["skipped"] == 0
+    assert s["rows"][0]["results"]["score"] == 6.0 and s["rows"][0]["identity"] == sw.identity({"seed": 1})["sha256"]
+    assert sweep.load_summary(sw.root)["rows"][0]["results"]["score"] == 6.0
+
+
+def test_a_changed_smoke_yaml_reruns_the_run(tmp_path, local_client, monkeypatch):
+    notebooks = tmp_path / "notebooks"
+    (notebooks / "params").mkdir(parents=True)
+    nb = make_notebook(notebooks / "97_sweepy.ipynb")
+    monkeypatch.setattr(workbook, "NOTEBOOKS", notebooks)  # "smoke" = notebooks/params/97_sweepy.smoke.yaml
+    smoke = notebooks / "params" / "97_sweepy.smoke.yaml"
+    smoke.write_text("scale: 0.5\n")
+    sw, s = one_run(nb, tmp_path / "out", local_client, params="smoke")
+    assert s["rows"][0]["results"]["score"] == 1.0
+    smoke.write_text("# edited\nscale: 0.25\n")
+    sw, s = one_run(nb, tmp_path / "out", local_client, params="smoke")
+    assert s["changed"] == ["seed=1"] and s["rows"][0]["results"]["score"] == 0.5
+    smoke.write_text("# only a comment changed\nscale: 0.25\n")  # the same values: the same identity
+    assert one_run(nb, tmp_path / "out", local_client, params="smoke")[1]["skipped"] == 1
+
+
+def test_changed_notebook_code_reruns_and_the_summary_never_mixes_identities(nb, tmp_path, local_client):
+    import nbformat
+
+    sw, s = one_run(nb, tmp_path / "out", local_client)
+    assert s["rows"][0]["results"]["score"] == 2.0
+    book = nbformat.read(nb, as_version=4)
+    book.cells[-1].source = book.cells[-1].source.replace("(seed + 1) * scale", "10 * (seed + 1) * scale")
+    book.cells.insert(1, nbformat.v4.new_markdown_cell("Prose changes nothing."))
+    nbformat.write(book, nb)
+    sw, s = one_run(nb, tmp_path / "out", local_client)
+    assert s["changed"] == ["seed=1"] and s["rows"][0]["results"]["score"] == 20.0
+    book.cells[1].source = "Other prose: still the same identity."
+    nbformat.write(book, nb)
+    assert one_run(nb, tmp_path / "out", local_client)[1]["skipped"] == 1
+    book.cells[-1].source = "raise RuntimeError('broken edit')"
+    nbformat.write(book, nb)
+    sw, s = one_run(nb, tmp_path / "out", local_client)  # the rerun fails: its old results stay on disk ...
+    assert len(s["failed"]) == 1 and "broken edit" in s["failed"][0]["error"]
+    assert sweep.result_path(sw, {"seed": 1}).is_file()
+    summary = sweep.load_summary(sw.root)  # ... but are not this notebook's: never in the summary
+    assert summary["n_complete"] == 0 and summary["rows"] == [] and summary["stale"] == ["seed=1"]
+    assert summary["code_sha256"] == workbook.code_sha256(nb)
 
 
 @pytest.mark.parametrize("name", ["lottery-5seeds-paper", "lottery-5seeds-smoke", "structured-llama7b-paper"])

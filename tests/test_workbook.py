@@ -6,7 +6,8 @@ import math
 import nbformat
 import pytest
 
-from pruning_lab import workbook
+from pruning_lab import params, workbook
+from pruning_lab.__main__ import main
 from pruning_lab._io import write_json
 
 from notebook_helpers import write_notebook
@@ -49,9 +50,9 @@ def make_notebook(path, params_src="n = 3\nlabel = 'x'\n"):
 
 def test_unknown_parameter_is_refused_before_running(tmp_path):
     nb = make_notebook(tmp_path / "98_tiny.ipynb")
-    assert workbook.declared_parameters(nb) == {"n": "3", "label": "'x'"}
-    with pytest.raises(SystemExit, match="no parameter named 'nn'.*n, label|no parameter named 'nn'.*label, n"):
-        workbook.check_parameters(nb, {"nn": 4})
+    assert params.defaults(nb) == {"n": 3, "label": "x"}
+    with pytest.raises(SystemExit, match="no parameter named 'nn'.*label, n"):
+        params.check(nb, {"nn": 4}, "-p")
     with pytest.raises(SystemExit, match="no parameter named 'nn'"):
         workbook.run_notebook(str(nb), overrides={"nn": 4}, out_dir=tmp_path / "out")
     assert not (tmp_path / "out" / "98_tiny.ipynb").exists()
@@ -106,17 +107,15 @@ def test_a_cell_past_its_timeout_fails_by_name_and_publishes_nothing(tmp_path, m
 def test_yaml_params_and_cli(tmp_path, capsys):
     nb = make_notebook(tmp_path / "98_tiny.ipynb")
     (tmp_path / "bad.yaml").write_text("n: 2\nwrong: 1\n")
-    with pytest.raises(SystemExit, match="wrong"):
-        workbook.main(["run", str(nb), "--params", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "o")])
-    with pytest.raises(SystemExit, match="No parameter file"):
+    with pytest.raises(SystemExit, match="bad.yaml: 98_tiny.ipynb has no parameter named 'wrong'"):
+        main(["run", str(nb), "--params", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="No parameter set 'nonexistent' for 98_tiny: give a YAML path, or one of"):
         workbook.load_params(nb, "nonexistent")
     with pytest.raises(SystemExit, match="No single notebook"):
         workbook.find_notebook("77")
 
 
 def test_every_notebook_follows_the_conventions():
-    import yaml
-
     nbs = workbook.notebooks()
     assert [nb.stem for nb in nbs][0] == "00_welcome"
     for path in nbs:
@@ -124,14 +123,13 @@ def test_every_notebook_follows_the_conventions():
         assert nb["metadata"]["kernelspec"]["name"] == workbook.KERNEL_NAME, path
         assert "widgets" not in nb["metadata"], path
         code = [c for c in nb["cells"] if c["cell_type"] == "code"]
-        params = [c for c in code if "parameters" in c["metadata"].get("tags", [])]
-        assert len(params) == 1, f"{path.name}: one cell tagged 'parameters'"
+        tagged = [c for c in code if "parameters" in c["metadata"].get("tags", [])]
+        assert len(tagged) == 1, f"{path.name}: one cell tagged 'parameters'"
         assert any(c.get("outputs") for c in code), f"{path.name} is committed without outputs"
-        declared = workbook.declared_parameters(path)
-        for kind in ("smoke", "paper"):
-            yml = workbook.NOTEBOOKS / "params" / f"{path.stem}.{kind}.yaml"
-            values = yaml.safe_load(yml.read_text()) or {}
-            assert set(values) <= set(declared), f"{yml.name}: unknown {set(values) - set(declared)}"
+        for p in params.declared(path).values():  # every default within the range its comment declares
+            assert p.check(p.default) == p.default, (path.name, p.name)
+        for kind in ("smoke", "paper"):  # every committed parameter file passes the check runs make
+            workbook.resolve_parameters(path, kind)
         assert (workbook.ROOT / "results" / f"{path.stem}.json").is_file(), f"no committed results for {path.stem}"
 
 
@@ -219,3 +217,53 @@ def test_unwritable_results_fail_before_the_notebook_runs(tmp_path, monkeypatch)
     with pytest.raises(PermissionError, match="Nothing was run"):
         workbook.run_notebook(str(nb))
     assert nb.read_bytes() == before
+
+
+def test_files_honour_the_umask(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    results = tmp_path / "results"
+    monkeypatch.setenv("PRUNING_LAB_RESULTS", str(results))
+    nb = _staged_notebook(tmp_path / "97_staged.ipynb", fail=False)
+    old = os.umask(0o022)  # a classroom machine: everyone may read
+    try:
+        out = workbook.run_notebook(str(nb), overrides={"n": 2}, out_dir=tmp_path / "out")
+        write_json(tmp_path / "plain.json", {"a": 1})
+        os.umask(0o077)  # a private machine: nobody else
+        write_json(tmp_path / "private.json", {"a": 1})
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    for path in (out, tmp_path / "out/results/97_staged.json", tmp_path / "out/results/figures/97_staged/curve.png",
+                 tmp_path / "plain.json"):
+        assert mode(path) == 0o644, (path, oct(mode(path)))
+    assert mode(tmp_path / "out/results/figures/97_staged") == 0o755
+    assert mode(tmp_path / "private.json") == 0o600
+
+
+def test_leftovers_of_killed_runs_are_removed_and_reported_but_a_live_runs_are_kept(tmp_path, capsys, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("MPLBACKEND", raising=False)
+    nb = _staged_notebook(tmp_path / "97_staged.ipynb", fail=False)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # a process that has exited
+    out = tmp_path / "out"
+    (out / "results").mkdir(parents=True)
+    killed = out / f".running-97_staged-{dead_pid}-abc_1.ipynb"
+    old_style = out / ".running-xyz12345.ipynb"  # named before runs carried their pid
+    live = out / f".running-97_staged-{os.getppid()}-abc_2.ipynb"  # a run in another process still going
+    staged = out / "results" / f".staging-97_staged-{dead_pid}-q1"
+    for f in (killed, old_style, live):
+        f.write_text("{}")
+    staged.mkdir()
+    workbook.run_notebook(str(nb), overrides={"n": 2}, out_dir=out)
+    err = capsys.readouterr().err
+    assert not killed.exists() and not old_style.exists() and not staged.exists() and live.exists()
+    for gone in (killed, old_style, staged):
+        assert f"removed {gone}, left by a run that was killed" in err
+    assert str(live) not in err
+    assert "MPLBACKEND" not in os.environ  # set for the kernel, put back afterwards
