@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .stats import verdict_words
+
 TEMPLATES = Path(__file__).parent / "templates"
 
 
@@ -61,12 +63,12 @@ def key_results(stem: str, r: dict) -> list[str]:
         return [f"dense: {pct(r['dense_accuracy'])}; winning ticket at {pct(last['weights_remaining'])} of the weights: "
                 f"{pct(last['ticket_accuracy'])}",
                 f"ticket − random re-init there: {100 * d['mean_difference']:+.2f} ± {100 * d['std_difference']:.2f} "
-                f"points over {d['n']} seeds ({d['verdict'].replace('A better', 'ticket better').replace('B better', 're-init better')})"]
+                f"points over {d['n']} seeds ({verdict_words(d, 'ticket better', 're-init better', too_few='too few pairs')})"]
     if stem.startswith("03"):
         out = [f"dense perplexity {r['dense']['perplexity']:.1f} ({r['convention'].split(';')[0]})"]
         for p in r["flap_standardize"]["paired"]["adaptive-channels vs uniform"]:
             out.append(f"FLAP adaptive vs uniform at {p['ratio']:.0%} removed: perplexity ×{p['value_ratio']:.2f} "
-                       f"({p['verdict'].replace('A better', 'adaptive better').replace('B better', 'uniform better')}, "
+                       f"({verdict_words(p, 'adaptive better', 'uniform better', too_few='too few pairs')}, "
                        f"{p['n']} seeds)")
         return out
     if stem.startswith("04"):

@@ -64,6 +64,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .stats import verdict_words
+
 MOMENTS = ("prompt", "decode")
 DECODE_CHUNK = 32  # tokens of the prompt read per forward at decode time (generate's default)
 
@@ -1638,9 +1640,6 @@ def reasoning_accuracy(model, tokenizer, prompts: Sequence[str], settings: Seque
 # --------------------------------------------------------------------------- a run's rows, verdicts and words
 # (what notebook 04 reads its tables and conclusions with: lookups and wording, no model work)
 
-_VERDICT_MARK = {"A better": "better", "B better": "worse", "within noise": "within noise", "too few pairs": "too few items"}
-
-
 def run_of(runs: Sequence[dict], policy: str, moment: str, budget) -> dict | None:
     """The row of ``runs`` for (policy, moment, budget), or None."""
     return next((r for r in runs if (r["policy"], r["moment"], r["budget"]) == (policy, moment, budget)), None)
@@ -1668,15 +1667,14 @@ def find_verdict(verdicts: Sequence[dict], a: str, b: str, budget, a_moment: str
 
 def verdict_mark(v: dict) -> str:
     """A verdict in a table cell: "better (p = 0.002)", "worse", "within noise (p = 0.5)", "too few items"."""
-    word = _VERDICT_MARK[v["verdict"]]
+    word = verdict_words(v, "better", "worse", too_few="too few items")
     p = v["p_value"]
     return f"{word} (p = {p:.2g})" if p is not None and p == p else word
 
 
 def verdict_word(v: dict, a: str, b: str) -> str:
     """A verdict in a sentence, naming the better side: "<a> better", "<b> better", "within noise"."""
-    return {"A better": f"{a} better", "B better": f"{b} better", "within noise": "within noise",
-            "too few pairs": "too few items to test"}[v["verdict"]]
+    return verdict_words(v, f"{a} better", f"{b} better", too_few="too few items to test")
 
 
 def accuracy_cell(r: dict | None) -> str:
@@ -1696,11 +1694,10 @@ def free_cell(policy, budget: int, moment: str, chunk: int = DECODE_CHUNK) -> st
 
 def recurrence_words(v: dict) -> str:
     """What a paired test of recurrence against its time-shuffled null says, in words (with the test)."""
-    words = {"A better": "more returns than the shuffled null, so they are a matter of timing",
-             "B better": "fewer returns than the shuffled null: attention is persistent, and what returns is mostly "
-                         "what a head attends to often",
-             "within noise": "no different from the shuffled null",
-             "too few pairs": "too few prompts to test"}[v["verdict"]]
+    words = verdict_words(v, "more returns than the shuffled null, so they are a matter of timing",
+                          "fewer returns than the shuffled null: attention is persistent, and what returns is mostly "
+                          "what a head attends to often",
+                          noise="no different from the shuffled null", too_few="too few prompts to test")
     if v["verdict"] == "too few pairs":
         return words
     return words + f" (paired Student t over {v['n']} prompts, p = {v['p_value']:.2g})"

@@ -131,6 +131,20 @@ def mean_std(xs) -> tuple[float, float]:
     return float(t.mean()), float(t.std()) if t.numel() > 1 else 0.0
 
 
+VERDICTS = ("A better", "B better", "within noise", "too few pairs")
+
+
+def verdict_words(v: dict, a: str, b: str, *, noise: str = "within noise", too_few: str = "too few pairs to test") -> str:
+    """The one place a test's verdict becomes words: ``a`` when "A better", ``b`` when "B better", ``noise`` when
+    "within noise", ``too_few`` when "too few pairs" (the callers choose the words, e.g. "ticket better" or
+    "lower at the 5% level"). An unknown verdict is refused rather than shown as something else."""
+    verdict = v["verdict"] if isinstance(v, dict) else v
+    words = dict(zip(VERDICTS, (a, b, noise, too_few)))
+    if verdict not in words:
+        raise ValueError(f"Unknown verdict {verdict!r}: a paired test returns one of {', '.join(VERDICTS)}.")
+    return words[verdict]
+
+
 def paired_text(p: dict, a: str = "A", b: str = "B", *, scale: float = 100.0, digits: int = 2, unit: str = " pts",
                 marks: bool = False) -> str:
     """``paired``'s result for a reader: ``"+0.65 ± 0.29 pts, ticket better (p = 0.012)"`` — the mean
@@ -139,10 +153,8 @@ def paired_text(p: dict, a: str = "A", b: str = "B", *, scale: float = 100.0, di
     sd = "" if p["std_difference"] != p["std_difference"] else f" ± {scale * p['std_difference']:.{digits}f}"
     number = f"{scale * p['mean_difference']:+.{digits}f}{sd}"
     if marks:
-        return f"{number} " + {"A better": "**+**", "B better": "**−**", "within noise": "≈",
-                               "too few pairs": "·"}[p["verdict"]]
-    word = {"A better": f"{a} better", "B better": f"{b} better", "within noise": "within noise",
-            "too few pairs": f"n = {p['n']}, no test"}[p["verdict"]]
+        return f"{number} " + verdict_words(p, "**+**", "**−**", noise="≈", too_few="·")
+    word = verdict_words(p, f"{a} better", f"{b} better", too_few=f"n = {p['n']}, no test")
     pv = "" if p.get("p_value") != p.get("p_value") or p.get("p_value") is None else f" (p = {p['p_value']:.2g})"
     return f"{number}{unit}, {word}{pv}"
 
@@ -151,7 +163,7 @@ def ratio_text(p: dict, lower: str = "lower", higher: str = "higher") -> str:
     """``paired_lower``'s result for a reader: ``"×0.93 (lower at the 5% level, p = 0.0031)"`` — the ratio
     of A to B, then the verdict in the caller's words (``lower``: A lower at the test's level) and p."""
     pct = f"{100 * p.get('level', LEVEL):g}%"
-    word = {"A better": f"{lower} at the {pct} level", "B better": f"{higher} at the {pct} level",
-            "within noise": "within noise", "too few pairs": f"{p['n']} seed(s): no test"}[p["verdict"]]
+    word = verdict_words(p, f"{lower} at the {pct} level", f"{higher} at the {pct} level",
+                         too_few=f"{p['n']} seed(s): no test")
     pv = "" if p["verdict"] == "too few pairs" else f", p = {p['p_value']:.2g}"
     return f"×{p['value_ratio']:.2f} ({word}{pv})"

@@ -122,3 +122,20 @@ def test_ratio_text_by_hand():
         "×0.93 (adaptive higher at the 5% level, p = 0.0031)"
     assert stats.ratio_text({**p, "verdict": "within noise", "p_value": 0.42}) == "×0.93 (within noise, p = 0.42)"
     assert stats.ratio_text({**p, "n": 1, "verdict": "too few pairs"}) == "×0.93 (1 seed(s): no test)"
+
+
+def test_verdict_words_is_the_one_mapping_and_refuses_an_unknown_verdict():
+    words = [stats.verdict_words({"verdict": v}, "ticket better", "re-init better") for v in stats.VERDICTS]
+    assert words == ["ticket better", "re-init better", "within noise", "too few pairs to test"]
+    assert stats.verdict_words("within noise", "a", "b", noise="≈") == "≈"
+    assert stats.verdict_words({"verdict": "too few pairs"}, "a", "b", too_few="·") == "·"
+    with pytest.raises(ValueError, match="Unknown verdict 'A wins'"):
+        stats.verdict_words({"verdict": "A wins"}, "a", "b")
+    # every caller goes through it: a verdict the mapping does not know is refused there too
+    from pruning_lab import kv_eviction as kv
+    for f in (lambda v: stats.paired_text({**v, "mean_difference": 0.1, "std_difference": 0.1, "n": 3, "p_value": 0.5}),
+              lambda v: stats.ratio_text({**v, "value_ratio": 1.0, "n": 3, "p_value": 0.5}),
+              lambda v: kv.verdict_mark({**v, "p_value": 0.5}), lambda v: kv.verdict_word(v, "a", "b"),
+              lambda v: kv.recurrence_words({**v, "n": 3, "p_value": 0.5})):
+        with pytest.raises(ValueError, match="Unknown verdict"):
+            f({"verdict": "A wins"})
