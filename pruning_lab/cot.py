@@ -448,7 +448,7 @@ ASAP_DIFFERENCES = (
      "lr 2e-5, cosine to 10%)", "LoRA on the reasoner itself, on its own pruned CoTs (TokenSkip's protocol), a few "
      "dozen steps"),
     ("domain and scale", "competitive programming, CoTs of thousands of tokens, 7B-8B models",
-     "arithmetic word problems, CoTs of ~250 tokens, a 135M model"),
+     "arithmetic word problems of 2-3 operations, CoTs of a few hundred tokens at most, a 135M model"),
 )
 
 

@@ -982,7 +982,8 @@ class ReasonerRun(CachedRun):
 # The classroom reasoner: 2-3 operations (with 3-4 and 80 steps, 020b9f3b solved 8 of 60 held-out problems, below the
 # issue's 40% floor), redundant steps after 40% of the computations, 120 LoRA steps of 8 traces.
 CLASSROOM = ReasonerHparams(family=Family(steps=(2, 3)), redundancy=0.4, lora=LoraHparams(steps=120))
-SMOKE = ReasonerHparams(lora=LoraHparams(steps=2, batch_size=2, warmup=1))
+SMOKE = ReasonerHparams(family=CLASSROOM.family, redundancy=CLASSROOM.redundancy,
+                        lora=LoraHparams(steps=2, batch_size=2, warmup=1))
 
 
 def load_reasoner(hp: ReasonerHparams = CLASSROOM, *, root: str | Path | None = None, train: bool = True,
