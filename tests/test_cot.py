@@ -502,3 +502,24 @@ def test_committed_run_matches_its_rendered_conclusion():
     rendered = [o for c in nb["cells"] if c["cell_type"] == "code" and "rec.record(conclusions=lines)" in "".join(c["source"])
                 for o in c["outputs"] if "text/markdown" in o.get("data", {})]
     assert len(rendered) == 1 and "".join(rendered[0]["data"]["text/markdown"]) == "\n".join(r["conclusions"])
+
+
+def test_readme_chapter_5_quotes_the_committed_run():
+    """The README's chapter-5 paragraph states numbers of the committed classroom run; a rerun that changes them
+    must change the README too."""
+    root, r, _ = _committed()
+    readme = (root / "README.md").read_text()
+    text = readme[readme.index("### 05 · Chain-of-thought pruning"):readme.index("## Rerunning a notebook")]
+    text = " ".join(text.split())
+    g, d, pa, rz = r["grading"], r["distill"], r["parallel"], r["reasoner"]
+    assert f"solves **{rz['cot_accuracy']:.0%}** with a CoT" in text
+    assert f"solves {r['base']['cot_accuracy']:.0%} of {rz['n']} held-out" in text
+    assert f"redundancy AUC of {g['auc']['bag_of_words_cv']:.2f}" in text
+    assert f"mean surprisal {g['auc']['mean_surprisal']:.2f}" in text and f"{g['auc']['asap']:.2f} and first-token" in text
+    for name, label in (("unpruned", "unpruned"), ("asap", "40% kept) "), ("random", "random steps"), ("mean_surprisal", "mean surprisal")):
+        assert f"{d['accuracy'][name]:.0%} at {d['mean_cot_tokens'][name]:.0f}" in text, name
+    t = d["tests"]["random vs unpruned"]["accuracy"]
+    assert t["verdict"] == "B better" and f"p = {t['p_value']:.2g}" in text
+    assert all(d["tests"][k]["accuracy"]["verdict"] == "within noise"
+               for k in ("asap vs unpruned", "asap vs random", f"asap vs {d['rival']}"))
+    assert f"{1 - pa['early']['tokens'] / pa['vote'][str(pa['n'])]['tokens']:.0%} fewer tokens" in text
