@@ -83,13 +83,11 @@ def key_results(stem: str, r: dict) -> list[str]:
                            f"{best['accuracy_outside']:.0%}, recency {rows['recency']['accuracy_outside']:.0%}")
         return out
     if stem.startswith("05"):
-        f, g = r["finetune"], r["greedy_accuracy"]
-        return [f"answer accuracy with the full CoT {g['full']:.0%}, with none {g['none']:.0%}; with "
-                f"{g['fraction']:.0%} of it kept: " + ", ".join(f"{k} {v:.0%}" for k, v in g.items()
-                                                                 if k not in ("fraction", "full", "none")),
-                f"LoRA on pruned CoTs: {f['before']['mean_cot_tokens']:.0f} → {f['after']['mean_cot_tokens']:.0f} CoT "
-                f"tokens, accuracy {f['before']['accuracy']:.0%} → {f['after']['accuracy']:.0%} "
-                f"({f['accuracy_paired']['verdict']})"]
+        rz, d = r["reasoner"], r["distill"]
+        return [f"the small reasoner: {rz['cot_accuracy']:.0%} of {rz['n']} held-out problems with a CoT, "
+                f"{rz['answer_accuracy']:.0%} answering directly (the embedded model: {r['base']['cot_accuracy']:.0%})",
+                "students distilled on its pruned CoTs: " + ", ".join(
+                    f"{k} {d['accuracy'][k]:.0%} at {d['mean_cot_tokens'][k]:.0f} tokens" for k in d["accuracy"])]
     return []
 
 

@@ -1,26 +1,28 @@
 """Chain-of-thought pruning: which reasoning steps can go (chapter 05).
 
-A chain of thought (CoT) is split into steps; each step gets a score; the lowest-scoring steps are removed
-until a target share of the CoT's tokens is left; the question and the answer always stay. Scores:
+A chain of thought (CoT) is split into steps (paragraphs, as in ASAP); each step gets a score (higher = keep); the
+lowest-scoring steps are removed until a target share of the CoT's tokens is left; the question and the answer always
+stay. Every score is one small object with one ``score(enc, logp, **context)``:
 
-- ``FirstTokenSurprisal`` (ASAP's fine stage): −log p of a step's *first* token given everything before it.
-  An unsurprising opening ("So", "Let me check") marks a step the model saw coming.
+- ``FirstTokenSurprisal``: −log p of a step's *first* token given everything before it (ASAP's fine stage).
 - ``MeanSurprisal``: the step's mean token surprisal (TokenSkip-style token importance, per step).
-- ``AnswerGain``: log p(answer | CoT) − log p(answer | CoT without the step) — what the step tells the model
-  about the answer (the conditional-entropy-reduction view). Needs pruned contexts: batched, one forward per
-  batch of candidates, never one per step.
-- ``Position`` (later steps first) and ``Random``: baselines.
-- ``asap``: the coarse anchor stage (steps whose numbers appear in a short direct solution are anchors, kept
-  first) followed by the fine first-token-surprisal stage.
+- ``AnswerGain``: log p(answer | CoT) − log p(answer | CoT without the step), every "without" variant batched.
+- ``Position`` (later steps first), ``Random`` (one draw per seed: report its expectation over many seeds).
+- ``ASAP``: the published method (Zeng et al., arXiv 2508.05988, code Zengwh02/ASAP): a coarse, anchor-guided stage
+  (a *direct CoT* written by a model from the question and its answer; the CoT's steps that only follow paths the
+  anchor does not take go), then first-token surprisal of the steps of the *coarse-pruned* CoT, removing the least
+  surprising ones until the CoT fits a token budget (``prune(..., rule="remove")``). Where ours differs: ``ASAP_DIFFERENCES``.
+- Surface baselines that read only the wording: ``Regex`` (e.g. "opens with Step k:", "writes an operator") and a
+  bag-of-words classifier under cross-validation (``bag_of_words_scores``).
 
-Scores that depend only on the unpruned prefix come from **one forward pass per trace** (``token_logprobs``),
+Scores that depend only on the unpruned prefix come from **one forward pass per trace** (``token_logprobs_batch``),
 with exact token spans per step from the tokenizer's character offsets.
 
-Data: ``make_problems`` writes seeded multi-step arithmetic word problems with exact answers;
-``synthetic_trace`` writes a verbose CoT for one, with every redundant step (restatement, re-check, detour)
-labelled; ``load_jsonl`` reads a ``{"question", "answer"}`` JSONL (GSM8K's format) for users who have one,
-optionally with labelled steps (``file_trace`` turns those into a ``Trace``), and refuses any line it cannot
-read exactly.
+Problems, traces, prompts and the answer checker live in ``pruning_lab.reasoner`` (the chapter's small reasoner).
+``load_jsonl`` reads GSM8K-style files, optionally with labelled steps (``file_trace`` turns those into a
+``Trace``), exactly or refuses them naming file:line. ``StudentRun`` distils pruned
+CoTs back into the reasoner (cached like the reasoner); ``sample_parallel`` + ``early_stop`` + ``vote_first`` are
+DeepPrune's parallel traces with every token counted.
 """
 
 from __future__ import annotations
@@ -28,64 +30,18 @@ from __future__ import annotations
 import json
 import math
 import operator
-import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-ANSWER_PREFIX = "The answer is"
+from . import reasoner as rs
+from .data import left_padded as _left_pad
+from .reasoner import ANSWER_PREFIX, Problem, Trace, make_problems, parse_final  # noqa: F401  (re-exported)
 
-# --------------------------------------------------------------------------- problems
-
-
-@dataclass(frozen=True)
-class Problem:
-    question: str
-    answer: int
-    steps: tuple[str, ...] = ()  # the necessary steps, one computed value each (generator only)
-    trace_steps: tuple[str, ...] = ()  # the step texts of a worked trace a problem file gave (load_jsonl)
-    redundant: tuple[bool, ...] | None = None  # their labels (True = redundant), one per step; None: unlabelled
-
-
-_NAMES = ("Anna", "Ben", "Carla", "David", "Emma", "Farid", "Grace", "Hugo", "Ines", "Jonas")
-_ITEMS = ("apples", "pencils", "stickers", "marbles", "cookies", "books", "stamps", "shells")
-
-
-def make_problems(n: int, *, seed: int = 0, steps: tuple[int, int] = (2, 3)) -> list[Problem]:
-    """``n`` seeded word problems of ``steps[0]``–``steps[1]`` operations (add, subtract, multiply) on small
-    numbers, with exact integer answers and the necessary steps written out."""
-    if n < 1:
-        raise ValueError(f"n={n} must be >= 1.")
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-        value = rng.randint(3, 20)
-        sentences = [f"{name} has {value} {item}."]
-        work = []
-        for _ in range(rng.randint(*steps)):
-            op = rng.choice(["buy", "give", "double"] if value < 40 else ["give", "buy"])
-            if op == "buy":
-                k = rng.randint(2, 15)
-                sentences.append(f"Then {name} buys {k} more.")
-                work.append(f"{value} + {k} = {value + k}")
-                value += k
-            elif op == "give" and value > 3:
-                k = rng.randint(1, value - 1)
-                sentences.append(f"Then {name} gives away {k}.")
-                work.append(f"{value} - {k} = {value - k}")
-                value -= k
-            else:
-                sentences.append(f"Then the number of {item} doubles.")
-                work.append(f"{value} * 2 = {value * 2}")
-                value *= 2
-        question = " ".join(sentences) + f" How many {item} does {name} have now?"
-        out.append(Problem(question, value, tuple(work)))
-    return out
+# --------------------------------------------------------------------------- problems from a file
 
 
 _INTEGER = re.compile(r"[+-]?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)\.?")
@@ -199,92 +155,14 @@ def load_jsonl(path: str | Path, *, require_labels: bool = False) -> list[Proble
     return problems
 
 
-# --------------------------------------------------------------------------- traces
-
-
-@dataclass
-class Trace:
-    """A question, a chain of thought (``cot``) and the final answer. ``redundant`` labels the steps of a
-    synthetic trace (split by blank lines); it is ``None`` for the model's own traces."""
-
-    question: str
-    cot: str
-    answer: int
-    redundant: list[bool] | None = None
-    kinds: list[str] | None = None
-
-
-def synthetic_trace(problem: Problem, seed: int = 0, *, redundancy: float = 0.5) -> Trace:
-    """A verbose CoT for a generated ``problem``: its necessary steps, each followed with probability
-    ``redundancy`` by one labelled redundant step (a restatement of the question, a re-check of a value
-    already computed, or a detour that computes something never used). Steps are separated by blank lines."""
-    if not problem.steps:
-        raise ValueError("synthetic_trace needs a generated problem (make_problems), whose steps are known.")
-    rng = random.Random(seed)
-    steps, labels, kinds = [], [], []
-
-    def add(text, red, kind):
-        steps.append(text), labels.append(red), kinds.append(kind)
-
-    add("We need to find how many are left at the end.", True, "restatement")
-    for k, work in enumerate(problem.steps, 1):
-        left, result = work.split(" = ")
-        add(f"Step {k}: {work}.", False, "necessary")
-        if rng.random() < redundancy:
-            kind = rng.choice(["check", "detour", "restatement"])
-            if kind == "check":
-                add(f"Let me double-check: {left} is indeed {result}.", True, kind)
-            elif kind == "detour":
-                a = int(left.split()[0])
-                add(f"As an aside, {a} + 10 = {a + 10}, but we do not need that.", True, kind)
-            else:
-                add(f"So far we have {result}, and the question has not changed.", True, kind)
-    return Trace(problem.question, "\n\n".join(steps), problem.answer, labels, kinds)
-
-
 def file_trace(problem: Problem) -> Trace:
     """The trace a problem file gave (``load_jsonl`` with ``steps``): its steps joined by blank lines, the
     problem's answer, and its labels (``redundant``; None when the file gave steps without labels)."""
     if not problem.trace_steps:
         raise ValueError("file_trace needs a problem whose file gave its steps (load_jsonl with \"steps\" "
-                         "and \"labels\" on the line); for a generated problem use synthetic_trace.")
+                         "and \"labels\" on the line); for a generated problem use reasoner.verbose_trace.")
     redundant = None if problem.redundant is None else list(problem.redundant)
     return Trace(problem.question, "\n\n".join(problem.trace_steps), problem.answer, redundant)
-
-
-def chat_prompt(tokenizer, question: str, instruction: str = "Solve step by step, then give the answer.") -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": f"{question} {instruction}"}], tokenize=False,
-                                         add_generation_prompt=True)
-
-
-def parse_answer(text: str) -> int | None:
-    """The first integer after "The answer is", else the last integer in the text."""
-    tail = text.split(ANSWER_PREFIX, 1)[1] if ANSWER_PREFIX in text else text
-    nums = re.findall(r"-?\d+", tail.replace(",", ""))
-    if not nums:
-        return None
-    return int(nums[0] if ANSWER_PREFIX in text else nums[-1])
-
-
-@torch.inference_mode()
-def model_traces(model: nn.Module, tokenizer, problems: list[Problem], *, max_new_tokens: int = 128,
-                 batch_size: int = 8) -> list[Trace]:
-    """The model's own greedy step-by-step answers (left-padded batches); the CoT is the generated text
-    before "The answer is" (the whole text when the model never says it)."""
-    traces = []
-    device = next(model.parameters()).device
-    for i in range(0, len(problems), batch_size):
-        chunk = problems[i:i + batch_size]
-        enc = _left_pad(tokenizer, [chat_prompt(tokenizer, p.question) for p in chunk]).to(device)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-        for p, ids in zip(chunk, out[:, enc.input_ids.shape[1]:]):
-            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-            traces.append(Trace(p.question, text.split(ANSWER_PREFIX)[0].strip(), p.answer))
-    return traces
-
-
-from .data import left_padded as _left_pad  # noqa: E402  (one left-padding helper for chapters 4 and 5)
 
 
 # --------------------------------------------------------------------------- segmentation
@@ -329,6 +207,8 @@ def token_spans(offsets: torch.Tensor, char_spans: list[tuple[int, int]], start:
     return [(int(lo), int(hi)) for lo, hi in idx]
 
 
+
+
 # --------------------------------------------------------------------------- one forward per trace
 
 
@@ -344,9 +224,11 @@ class Encoded:
     prompt_len: int
 
 
-def encode(tokenizer, trace: Trace, how: str = "paragraph") -> Encoded:
-    """Tokenise ``chat prompt + CoT + "\\n\\nThe answer is N."`` once, with exact step spans from offsets."""
-    prompt = chat_prompt(tokenizer, trace.question)
+
+def encode(tokenizer, trace: Trace, how: str = "paragraph", style: str = "verbose") -> Encoded:
+    """Tokenise ``prompt + CoT + "\\n\\nThe answer is N."`` once (the reasoner's format: ``reasoner.prompt`` in
+    ``style``, then its completion), with exact step spans from the tokenizer's offsets."""
+    prompt = rs.prompt(tokenizer, trace.question, style)
     char_steps = segment(trace.cot, how)
     tail = f"\n\n{ANSWER_PREFIX} {trace.answer}."
     text = prompt + trace.cot + tail
@@ -356,6 +238,10 @@ def encode(tokenizer, trace: Trace, how: str = "paragraph") -> Encoded:
     a0 = len(prompt) + len(trace.cot) + len(f"\n\n{ANSWER_PREFIX}")
     answer = token_spans(offsets, [(0, len(f" {trace.answer}"))], a0)[0]
     return Encoded(trace, enc.input_ids[0], steps, char_steps, answer, steps[0][0])
+
+
+def step_tokens(enc: Encoded) -> list[int]:
+    return [b - a for a, b in enc.steps]
 
 
 def _right_padded(seqs: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,7 +255,7 @@ def _right_padded(seqs: list[torch.Tensor], device) -> tuple[torch.Tensor, torch
 
 
 def _next_token_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
-                         cols: torch.Tensor) -> torch.Tensor:
+                         cols: torch.Tensor, *, argmax: bool = False):
     """log p(ids[rows, cols + 1] | ids[rows, :cols + 1]) from one forward of the batch: for a Llama-style
     ``model.model`` + ``lm_head`` (logits exactly ``lm_head(hidden)``) the output layer runs on those positions
     only, not on the whole batch × vocabulary; other models take their full logits. log p = logit −
@@ -382,7 +268,8 @@ def _next_token_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor
     else:
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[rows, cols]
     logits = logits.float()
-    return logits.gather(-1, ids[rows, cols + 1][:, None])[:, 0] - torch.logsumexp(logits, -1)
+    lp = logits.gather(-1, ids[rows, cols + 1][:, None])[:, 0] - torch.logsumexp(logits, -1)
+    return (lp, logits.argmax(-1)) if argmax else lp
 
 
 @torch.inference_mode()
@@ -413,6 +300,8 @@ def token_logprobs_batch(model: nn.Module, seqs: list[torch.Tensor], batch_size:
     return out
 
 
+
+
 # --------------------------------------------------------------------------- step scores (higher = keep)
 
 
@@ -434,10 +323,10 @@ class MeanSurprisal:
     name = "mean_surprisal"
 
     def score(self, enc: Encoded, logp: torch.Tensor, **_) -> torch.Tensor:
-        seg = torch.repeat_interleave(torch.arange(len(enc.steps)), torch.tensor([b - a for a, b in enc.steps]))
+        seg = torch.repeat_interleave(torch.arange(len(enc.steps)), torch.tensor(step_tokens(enc)))
         tok = torch.cat([torch.arange(a, b) for a, b in enc.steps])
-        sums = torch.zeros(len(enc.steps)).index_add_(0, seg, -logp[tok])
-        return sums / torch.tensor([max(b - a, 1) for a, b in enc.steps], dtype=torch.float)
+        sums = torch.zeros(len(enc.steps)).index_add_(0, seg, -logp[tok].float())
+        return sums / torch.tensor([max(n, 1) for n in step_tokens(enc)], dtype=torch.float)
 
 
 @dataclass(frozen=True)
@@ -452,12 +341,32 @@ class Position:
 
 @dataclass(frozen=True)
 class Random:
+    """One random ranking per (seed, trace). Report random pruning as an expectation over many seeds."""
+
     name = "random"
     seed: int = 0
 
     def score(self, enc: Encoded, logp: torch.Tensor, **_) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed + len(enc.ids))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(enc.ids[-8:].sum()) + len(enc.ids))
         return torch.rand(len(enc.steps), generator=g)
+
+
+@dataclass(frozen=True)
+class Regex:
+    """A surface baseline that reads only a step's wording: ``keep`` (1) when ``pattern`` is found in the step
+    (``re.search``, multiline), 0 otherwise; ``keep_if_match=False`` reverses it."""
+
+    pattern: str
+    label: str = "regex"
+    keep_if_match: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.label
+
+    def score(self, enc: Encoded, logp: torch.Tensor | None = None, **_) -> torch.Tensor:
+        hit = [bool(re.search(self.pattern, enc.trace.cot[a:b].strip(), re.M)) for a, b in enc.char_steps]
+        return torch.tensor([float(h == self.keep_if_match) for h in hit])
 
 
 @dataclass(frozen=True)
@@ -470,10 +379,7 @@ class AnswerGain:
     def score(self, enc: Encoded, logp: torch.Tensor, *, model=None, **_) -> torch.Tensor:
         if model is None:
             raise ValueError("AnswerGain needs the model: score(..., model=model).")
-        full = float(logp[enc.answer[0]:enc.answer[1]].sum())
-        variants = [keep_ids(enc, [j for j in range(len(enc.steps)) if j != i]) for i in range(len(enc.steps))]
-        without = answer_logprob_batch(model, variants, self.batch_size)
-        return full - torch.tensor(without)
+        return leave_one_out(model, enc, logp, self.batch_size)["gain"]
 
 
 def keep_ids(enc: Encoded, keep: list[int]) -> tuple[torch.Tensor, int, int]:
@@ -483,162 +389,336 @@ def keep_ids(enc: Encoded, keep: list[int]) -> tuple[torch.Tensor, int, int]:
     ids = torch.cat(parts)
     return ids, len(ids) - (len(enc.ids) - enc.answer[0]), enc.answer[1] - enc.answer[0]
 
-
 @torch.inference_mode()
-def answer_logprob_batch(model: nn.Module, variants: list[tuple], batch_size: int = 16) -> list[float]:
-    """log p(answer tokens) for many (ids, answer_start, answer_len) variants, right-padded in batches."""
+def answer_logprob_batch(model: nn.Module, variants: list[tuple], batch_size: int = 16, *, greedy: bool = False):
+    """log p(answer tokens) for many (ids, answer_start, answer_len) variants, right-padded in batches. With
+    ``greedy``, also whether greedy decoding writes exactly the answer and the token after it (the full stop of
+    "The answer is N."): the argmax at each of those positions is the token that is there."""
     device = next(model.parameters()).device
-    out = []
+    out, ok = [], []
     for i in range(0, len(variants), batch_size):
         chunk = variants[i:i + batch_size]
         ids, mask = _right_padded([v for v, _, _ in chunk], device)
-        # the answer's tokens only: position a-1+j predicts answer token j (rows and columns of the batch)
-        rows = torch.cat([torch.full((k,), r) for r, (_, _, k) in enumerate(chunk)])
-        cols = torch.cat([torch.arange(a - 1, a - 1 + k) for _, a, k in chunk])
-        lp = _next_token_logprobs(model, ids, mask, rows.to(device), cols.to(device))
-        out += torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, rows, lp.double().cpu()).tolist()
-    return out
+        extra = int(greedy)  # with greedy: one more position per variant, the token after the answer
+        # position a-1+j predicts answer token j (rows and columns of the batch)
+        rows = torch.cat([torch.full((k + extra,), r) for r, (_, _, k) in enumerate(chunk)])
+        cols = torch.cat([torch.arange(a - 1, a - 1 + k + extra) for _, a, k in chunk])
+        lp, arg = _next_token_logprobs(model, ids, mask, rows.to(device), cols.to(device), argmax=True)
+        is_answer = torch.cat([torch.arange(k + extra) < k for _, _, k in chunk])
+        out += torch.zeros(len(chunk), dtype=torch.float64).index_add_(
+            0, rows[is_answer], lp.double().cpu()[is_answer]).tolist()
+        if greedy:
+            hit = (arg.cpu() == ids[rows.to(device), (cols + 1).to(device)].cpu()).long()
+            ok += (torch.zeros(len(chunk), dtype=torch.long).index_add_(0, rows, hit)
+                   == torch.tensor([k + 1 for _, _, k in chunk])).tolist()
+    return (out, ok) if greedy else out
 
 
-SCORES = {s.name: s for s in (FirstTokenSurprisal, MeanSurprisal, AnswerGain, Position, Random)}
+@torch.inference_mode()
+def leave_one_out(model: nn.Module, enc: Encoded, logp: torch.Tensor | None = None, batch_size: int = 16) -> dict:
+    """For every step ``i``, the CoT without it, read by ``model`` (one batched forward per ``batch_size``
+    variants): ``gain`` = log p(answer | CoT) − log p(answer | CoT without i), and ``flips`` = whether the greedy
+    reading of the answer (the argmax at each answer position, and the full stop after it) stops being the
+    answer (a fixed reader's verdict: the step was needed)."""
+    logp = token_logprobs(model, enc.ids) if logp is None else logp
+    full = float(logp[enc.answer[0]:enc.answer[1]].sum())
+    variants = [keep_ids(enc, [j for j in range(len(enc.steps)) if j != i]) for i in range(len(enc.steps))]
+    lps, greedy = answer_logprob_batch(model, variants, batch_size, greedy=True)
+    return {"gain": full - torch.tensor(lps), "flips": ~torch.tensor(greedy)}
+
+
+# --------------------------------------------------------------------------- ASAP as published
+
+ASAP_DIFFERENCES = (
+    ("anchor (direct CoT)", "DeepSeek-V3 writes a step-by-step solution from the question and its final code",
+     "the reasoner writes one in its trained \"direct\" style from the question and its answer (greedy)"),
+    ("coarse stage", "DeepSeek-V3 compresses the CoT with the anchor as reference: drop alternative paths, keep the "
+     "core path and the checks that support it, keep the wording; accepted when each kept paragraph matches an "
+     "original one in order (difflib ratio >= 0.6)",
+     "a rule in place of the LLM: a paragraph that writes equations, none of which is in the anchor, is an "
+     "alternative path and goes; every other paragraph stays verbatim (so the acceptance test always passes)"),
+    ("surprisal model", "DeepSeek-R1-Distill-Qwen-7B", "the reasoner itself"),
+    ("fine-stage context", "the coarse-pruned CoT (the released prune-stage2.py reads the original CoT instead)",
+     "the coarse-pruned CoT, as the paper says"),
+    ("stopping rule", "remove the least surprising paragraph until the CoT has <= max_tokens tokens (1024 in "
+     "prune.sh; default 0.8 x the original length)", "the same rule, with a share of the original CoT's tokens"),
+    ("first-token positions", "found by re-tokenising prefixes (off by one where tokens merge across a boundary)",
+     "exact spans from the tokenizer's character offsets"),
+    ("distillation", "full SFT of Qwen2.5-Coder-7B-Instruct on DeepSeek-R1's pruned codeforces-cots CoTs (10 epochs, "
+     "lr 2e-5, cosine to 10%)", "LoRA on the reasoner itself, on its own pruned CoTs (TokenSkip's protocol), a few "
+     "dozen steps"),
+    ("domain and scale", "competitive programming, CoTs of thousands of tokens, 7B-8B models",
+     "arithmetic word problems of 2-3 operations, CoTs of a few hundred tokens at most, a 135M model"),
+)
+
+
+def equations(text: str) -> set[tuple[str, str, str, str]]:
+    """The equations "a op b = c" a text writes (as strings, as written)."""
+    return {m.groups() for m in rs._EQ.finditer(text)}
+
+
+@dataclass(frozen=True)
+class ASAP:
+    """ASAP (anchor-guided, surprisal-based pruning) as a score: steps that the coarse stage removes score −inf
+    (``prune`` always removes them), the others their first-token surprisal *in the coarse-pruned CoT* (one
+    forward over it). Prune with ``prune(enc, scores, target, rule="remove")`` for the paper's stopping rule. Needs
+    ``direct=`` (the anchor: a short solution written by a model from the question and its answer)."""
+
+    name = "asap"
+
+    @staticmethod
+    def coarse(enc: Encoded, direct: str) -> list[int]:
+        """The anchor-guided coarse stage: indices of the steps kept (see ``ASAP_DIFFERENCES``)."""
+        anchor = equations(direct)
+        kept = []
+        for i, (a, b) in enumerate(enc.char_steps):
+            eqs = equations(enc.trace.cot[a:b])
+            if not eqs or eqs & anchor:
+                kept.append(i)
+        return kept
+
+    def score(self, enc: Encoded, logp: torch.Tensor | None = None, *, model=None, direct: str | None = None,
+              **_) -> torch.Tensor:
+        if direct is None:
+            raise ValueError("ASAP needs the anchor: score(..., direct=<the direct CoT of this problem>).")
+        if model is None:
+            raise ValueError("ASAP needs the model: score(..., model=model).")
+        kept = self.coarse(enc, direct)
+        out = torch.full((len(enc.steps),), -math.inf)
+        if not kept:
+            return out
+        ids, _, _ = keep_ids(enc, kept)
+        lp = token_logprobs(model, ids)
+        sizes = step_tokens(enc)
+        firsts = enc.prompt_len + torch.tensor([0] + [sizes[i] for i in kept[:-1]]).cumsum(0)
+        out[torch.tensor(kept)] = -lp[firsts].float()
+        return out
+
+
+SCORES = {s.name: s for s in (FirstTokenSurprisal, MeanSurprisal, AnswerGain, Position, Random, ASAP)}
 
 
 def get_score(score):
+    """A score object from its name (``SCORES``), or the object itself."""
     if isinstance(score, str):
-        if score == "asap":
-            return "asap"
         if score not in SCORES:
-            raise ValueError(f"Unknown step score {score!r}: choose one of {sorted(SCORES) + ['asap']}.")
+            raise ValueError(f"Unknown step score {score!r}: choose one of {sorted(SCORES)}.")
         return SCORES[score]()
+    if not hasattr(score, "score") or not hasattr(score, "name"):
+        raise ValueError(f"{score!r} is not a step score (an object with .name and .score(enc, logp, ...)).")
     return score
 
 
-def anchors(enc: Encoded, direct: str) -> torch.Tensor:
-    """ASAP's coarse stage, simplified: a step is an anchor when a number it states also appears in a short
-    direct solution (``direct``: e.g. the model's concise answer, or the necessary equations)."""
-    wanted = set(re.findall(r"\d+", direct))
-    cot = enc.trace.cot
-    return torch.tensor([bool(set(re.findall(r"\d+", cot[a:b])) & wanted) for a, b in enc.char_steps])
-
-
-def score_steps(model: nn.Module, enc: Encoded, score, *, direct: str | None = None, logp=None) -> torch.Tensor:
-    """Scores of every step of one encoded trace (higher = keep). ``asap``: anchors (from ``direct``) rank
-    above every other step; within each group, first-token surprisal. Pass ``logp`` (from
-    ``token_logprobs_batch`` over many traces) to reuse one forward for every prefix-only score."""
+def score_steps(model: nn.Module, enc: Encoded, score, *, logp: torch.Tensor | None = None, **context) -> torch.Tensor:
+    """Scores of every step of one encoded trace (higher = keep). Pass ``logp`` (from ``token_logprobs_batch`` over
+    many traces) to reuse one forward for every prefix-only score; ``context`` holds what a score needs besides the
+    model (ASAP: ``direct=``)."""
     logp = token_logprobs(model, enc.ids) if logp is None else logp
-    s = get_score(score)
-    if s == "asap":
-        fine = FirstTokenSurprisal().score(enc, logp)
-        if direct is None:
-            return fine
-        return fine + 1e4 * anchors(enc, direct).float()
-    return s.score(enc, logp, model=model)
+    return get_score(score).score(enc, logp, model=model, **context)
 
 
-# --------------------------------------------------------------------------- pruning and evaluation
+# --------------------------------------------------------------------------- pruning
 
 
-def prune(enc: Encoded, scores: torch.Tensor, keep_fraction: float | None = None, *,
-          threshold: float | None = None) -> list[int]:
-    """Indices of the steps to keep: the highest-scoring steps whose tokens fit in ``keep_fraction`` of the CoT's
-    tokens (greedy in score order, skipping a step that would overflow), or every step scoring ≥ ``threshold``.
-    Question and answer are never part of the CoT, so they always stay."""
-    if (keep_fraction is None) == (threshold is None):
-        raise ValueError("Give exactly one of keep_fraction (a share of the CoT's tokens) or threshold.")
+def _check_share(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{name}={value!r} must be a share of the CoT's tokens in (0, 1].")
+    return float(value)
+
+
+def prune(enc: Encoded, scores: torch.Tensor, keep_fraction: float | None = None, *, max_tokens: int | None = None,
+          threshold: float | None = None, rule: str = "remove") -> list[int]:
+    """Indices of the steps to keep. The budget is ``keep_fraction`` of the CoT's tokens or ``max_tokens`` tokens;
+    ``rule="remove"`` (ASAP's): steps scoring −inf go whatever the budget, then the lowest-scoring step is removed,
+    one at a time (ties: the earlier first), until the rest fits; ``rule="fit"``: the highest-scoring steps that fit,
+    skipping one that would overflow. Or ``threshold``: every step scoring at least that. Question and answer are
+    never part of the CoT, so they always stay."""
+    if len(scores) != len(enc.steps):
+        raise ValueError(f"{len(scores)} scores for {len(enc.steps)} steps: give one score per step.")
+    given = [x is not None for x in (keep_fraction, max_tokens, threshold)]
+    if sum(given) != 1:
+        raise ValueError("Give exactly one of keep_fraction (a share of the CoT's tokens), max_tokens or threshold.")
+    scores = torch.as_tensor(scores, dtype=torch.float)
     if threshold is not None:
-        return [i for i in range(len(enc.steps)) if float(scores[i]) >= threshold]
-    if not 0 < keep_fraction <= 1:
-        raise ValueError(f"keep_fraction={keep_fraction} must be in (0, 1].")
-    sizes = [b - a for a, b in enc.steps]
-    limit = keep_fraction * sum(sizes)
+        return [i for i in range(len(enc.steps)) if float(scores[i]) >= threshold and float(scores[i]) > -math.inf]
+    sizes = step_tokens(enc)
+    if keep_fraction is not None:
+        limit = _check_share("keep_fraction", keep_fraction) * sum(sizes)
+    else:
+        if not isinstance(max_tokens, int) or max_tokens < 0:
+            raise ValueError(f"max_tokens={max_tokens!r} must be an integer >= 0.")
+        limit = max_tokens
+    if rule == "remove":
+        kept = [i for i in range(len(sizes)) if float(scores[i]) > -math.inf]
+        used = sum(sizes[i] for i in kept)
+        for i in torch.argsort(scores, stable=True).tolist():
+            if used <= limit + 1e-9:
+                break
+            if i in kept:
+                kept.remove(i)
+                used -= sizes[i]
+        return sorted(kept)
+    if rule != "fit":
+        raise ValueError(f"rule={rule!r}: choose 'remove' (ASAP's) or 'fit'.")
     kept, used = [], 0
     for i in torch.argsort(scores, descending=True, stable=True).tolist():
-        if used + sizes[i] <= limit + 1e-9:
+        if float(scores[i]) > -math.inf and used + sizes[i] <= limit + 1e-9:
             kept.append(i)
             used += sizes[i]
     return sorted(kept)
 
 
+def kept_tokens(enc: Encoded, keep: list[int]) -> int:
+    sizes = step_tokens(enc)
+    return sum(sizes[i] for i in keep)
+
+
 def pruned_cot(enc: Encoded, keep: list[int]) -> str:
-    return "".join(enc.trace.cot[a:b] for i, (a, b) in enumerate(enc.char_steps) if i in set(keep)).strip()
+    """The CoT with only the ``keep`` steps, paragraphs joined by blank lines (the reasoner's format)."""
+    keep = set(keep)
+    return "\n\n".join(enc.trace.cot[a:b].strip() for i, (a, b) in enumerate(enc.char_steps) if i in keep)
 
 
-def precision_recall(trace: Trace, keep: list[int]) -> tuple[float, float]:
-    """On a labelled trace: precision = share of removed steps that were redundant; recall = share of the
-    redundant steps that were removed. The steps are ``trace.cot``'s paragraphs (blank-line segmentation, as
-    ``synthetic_trace`` and ``file_trace`` write them), one label each; ``keep`` indexes them."""
-    if trace.redundant is None:
-        raise ValueError("precision_recall needs a labelled trace (its redundant is None): use synthetic_trace, "
-                         "or file_trace on a problem file with labelled steps.")
-    n = len(segment(trace.cot, "paragraph"))
-    if len(trace.redundant) != n:
-        raise ValueError(f"The trace has {len(trace.redundant)} label(s) for {n} step(s) (its cot split by blank "
-                         "lines): give one label per step.")
+# --------------------------------------------------------------------------- grading step scores against labels
+
+
+def _check_labels(enc_or_trace, labels=None) -> tuple[list[bool], int]:
+    if isinstance(enc_or_trace, Encoded):
+        trace, n = enc_or_trace.trace, len(enc_or_trace.steps)
+    else:
+        trace, n = enc_or_trace, len(segment(enc_or_trace.cot, "paragraph"))
+    labels = trace.redundant if labels is None else labels
+    if labels is None:
+        raise ValueError("Grading needs a labelled trace (its redundant is None): label it (reasoner.chain_labels), "
+                         "or use file_trace on a problem file with labelled steps.")
+    if len(labels) != n:
+        raise ValueError(f"The trace has {len(labels)} label(s) for {n} step(s): give one label per step of this "
+                         "segmentation.")
+    return list(labels), n
+
+
+def precision_recall(enc_or_trace, keep: list[int], labels: list[bool] | None = None) -> tuple[float, float]:
+    """On a labelled trace (an ``Encoded`` one, or a ``Trace`` segmented by paragraphs): precision = share of the
+    removed steps that were redundant; recall = share of the redundant steps that were removed (1.0 when there is
+    nothing to count). Refuses labels that do not match the steps, and kept indices that are not steps."""
+    labels, n = _check_labels(enc_or_trace, labels)
     kept = set()
     for i in keep:
         if isinstance(i, bool) or not hasattr(i, "__index__") or not 0 <= operator.index(i) < n:
             raise ValueError(f"keep holds {i!r}, not a step index of this trace (0 to {n - 1}).")
         kept.add(operator.index(i))
-    removed = [i for i in range(n) if i not in kept]
-    red = [i for i, r in enumerate(trace.redundant) if r]
-    hit = len(set(removed) & set(red))
+    removed = set(range(n)) - kept
+    red = {i for i, r in enumerate(labels) if r}
+    hit = len(removed & red)
     return (hit / len(removed) if removed else 1.0), (hit / len(red) if red else 1.0)
 
 
-@torch.inference_mode()
-def greedy_answers(model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens: int = 8,
-                   batch_size: int = 16) -> list[int | None]:
-    """Greedy continuation of each prompt (which should end with "The answer is"), parsed to an integer."""
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        enc = _left_pad(tokenizer, prompts[i:i + batch_size]).to(device)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        for ids in gen[:, enc.input_ids.shape[1]:]:
-            out.append(parse_answer(tokenizer.decode(ids, skip_special_tokens=True)))
+def roc_auc(values, positive) -> float:
+    """P(value of a positive > value of a negative), ties counted half (the Mann-Whitney statistic); NaN when one
+    class is empty."""
+    v = torch.as_tensor(values, dtype=torch.float64)
+    pos = torch.as_tensor(positive, dtype=torch.bool)
+    if v.shape != pos.shape:
+        raise ValueError(f"{len(v)} values for {len(pos)} labels.")
+    a, b = v[pos], v[~pos]
+    if len(a) == 0 or len(b) == 0:
+        return float("nan")
+    gt = (a[:, None] > b[None, :]).double().sum() + 0.5 * (a[:, None] == b[None, :]).double().sum()
+    return float(gt / (len(a) * len(b)))
+
+
+def redundancy_auc(scores, labels) -> float:
+    """How well a keep-score ranks the redundant steps below the necessary ones (1 perfect, 0.5 chance)."""
+    return roc_auc(-torch.as_tensor(scores, dtype=torch.float64), labels)
+
+
+def bag_of_words_scores(texts: list[list[str]], labels: list[list[bool]], *, folds: int = 5, first_word: bool = False,
+                        seed: int = 0) -> list[torch.Tensor]:
+    """A surface baseline: a logistic regression on the words of each step (``first_word``: on its opening word
+    only), trained on the other folds of traces and applied to the held-out fold (grouped cross-validation, so no
+    trace is scored by a model that saw it). Returns keep-scores (1 − P(redundant)) per trace."""
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GroupKFold
+
+    if len(texts) < folds:
+        raise ValueError(f"{len(texts)} traces for {folds}-fold cross-validation: give at least {folds}.")
+    flat = [(re.match(r"\W*(\w+)", s) or re.match(r"", s)).group(0).lower() if first_word else s
+            for steps in texts for s in steps]
+    y = [r for labs in labels for r in labs]
+    groups = [i for i, steps in enumerate(texts) for _ in steps]
+    x = CountVectorizer(token_pattern=r"[A-Za-z]+|\d+|[-+*=:]", ngram_range=(1, 1 if first_word else 2)).fit_transform(flat)
+    out = torch.zeros(len(y), dtype=torch.float64)
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    shuffled = [order[g] for g in groups]
+    for train, test in GroupKFold(folds).split(x, y, shuffled):
+        ys = [y[i] for i in train]
+        if len(set(ys)) < 2:
+            out[test] = 0.5
+            continue
+        clf = LogisticRegression(max_iter=2000).fit(x[train], ys)
+        out[test] = torch.as_tensor(1 - clf.predict_proba(x[test])[:, list(clf.classes_).index(True)])
+    res, k = [], 0
+    for steps in texts:
+        res.append(out[k:k + len(steps)].float())
+        k += len(steps)
+    return res
+
+
+def grade(step_scores: dict[str, list[torch.Tensor]], labels: list[list[bool]]) -> dict[str, dict]:
+    """Per score: the redundancy AUC of every trace with both kinds of steps, and their mean."""
+    out = {}
+    for name, per in step_scores.items():
+        if len(per) != len(labels):
+            raise ValueError(f"{name}: scores for {len(per)} traces, labels for {len(labels)}.")
+        aucs = [redundancy_auc(s, l) for s, l in zip(per, labels)]
+        ok = [a for a in aucs if a == a]
+        out[name] = {"auc": sum(ok) / len(ok) if ok else float("nan"), "per_trace": aucs}
     return out
 
 
-def answer_prompt(tokenizer, trace: Trace, cot: str) -> str:
-    return chat_prompt(tokenizer, trace.question) + (cot + "\n\n" if cot else "") + ANSWER_PREFIX
+def oracle_precision_recall(encoded: list[Encoded], step_scores: list[torch.Tensor], labels: list[list[bool]]) -> dict:
+    """Prune each trace to exactly the tokens of its necessary steps (ASAP's rule); mean precision and recall."""
+    pr = []
+    for e, s, lab in zip(encoded, step_scores, labels):
+        need = sum(n for n, r in zip(step_tokens(e), lab) if not r)
+        pr.append(precision_recall(e, prune(e, s, max_tokens=need), lab))
+    p, r = (list(x) for x in zip(*pr))
+    return {"precision": sum(p) / len(p), "recall": sum(r) / len(r), "precision_per_trace": p, "recall_per_trace": r}
 
 
-# --------------------------------------------------------------------------- think shorter: LoRA on pruned traces
+# --------------------------------------------------------------------------- distillation: think shorter
 
 
-def finetune_lora(model: nn.Module, tokenizer, examples: list[tuple[str, str]], *, steps: int = 30, lr: float = 5e-4,
-                  rank: int = 8, batch_size: int = 4, seed: int = 0, progress: bool = False) -> nn.Module:
-    """Supervised LoRA (peft, on q/k/v/o projections) on (prompt, completion) pairs, loss on the completion's
-    tokens only; merged back into ``model`` and returned (in eval mode)."""
-    from peft import LoraConfig, get_peft_model
-    from tqdm.auto import tqdm
+class StudentRun(rs.CachedRun):
+    """The reasoner fine-tuned (LoRA) on ``examples`` — its own CoTs, pruned by ``method`` — cached under
+    ``<cache>/students/<hash>``; the hash covers the reasoner, the examples' content and the fine-tuning."""
 
-    if not examples:
-        raise ValueError("finetune_lora needs at least one (prompt, completion) example.")
-    torch.manual_seed(seed)
-    device = next(model.parameters()).device
-    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
-    rng = random.Random(seed)
-    peft_model.train()
-    for _ in tqdm(range(steps), desc="LoRA", disable=not progress):
-        batch = rng.sample(examples, min(batch_size, len(examples)))
-        texts = [p + c for p, c in batch]
-        enc = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True).to(device)
-        labels = enc.input_ids.clone()
-        labels[enc.attention_mask == 0] = -100
-        for r, (p, _) in enumerate(batch):
-            labels[r, :len(tokenizer(p, add_special_tokens=False).input_ids)] = -100
-        loss = peft_model(**enc, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    merged = peft_model.merge_and_unload()
-    return merged.eval()
+    kind = "students"
+
+    def __init__(self, reasoner: "rs.ReasonerRun", method: str, examples: list[tuple[str, str]], lora: "rs.LoraHparams",
+                 root: str | Path | None = None, *, progress: bool = True):
+        self.reasoner, self.method, self._examples, self.lora = reasoner, method, list(examples), lora
+        self.spec = {"reasoner": reasoner.hash, "method": method, "n_examples": len(self._examples),
+                     "examples": rs.digest(self._examples), "lora": asdict(lora)}
+        super().__init__(root, progress=progress)
+
+    def base_model(self):
+        return self.reasoner.load()
+
+    def examples(self, tokenizer):
+        return self._examples
 
 
-# --------------------------------------------------------------------------- parallel traces with early agreement
+def distill_examples(tokenizer, problems: list[Problem], cots: list[str]) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs of the reasoner's format: the verbose prompt, the (pruned) CoT, the answer."""
+    return [(rs.prompt(tokenizer, p, "verbose"), rs.completion(c, p.answer)) for p, c in zip(problems, cots)]
+
+
+# --------------------------------------------------------------------------- parallel traces (DeepPrune)
+
+PROBE = f"\n\n{ANSWER_PREFIX}"
+PROBE_NEW_TOKENS = 4
 
 
 def stop_rule(tentative: list[int | None], active: list[bool], min_group: int = 2) -> list[bool]:
@@ -658,73 +738,101 @@ def stop_rule(tentative: list[int | None], active: list[bool], min_group: int = 
 
 
 @torch.inference_mode()
-def parallel_traces(model: nn.Module, tokenizer, problem: Problem, *, n: int = 8, max_new_tokens: int = 96,
-                    chunk: int = 16, temperature: float = 0.8, min_group: int = 2, prune: bool = True,
-                    seed: int = 0) -> dict:
-    """Sample ``n`` traces in one batch, ``chunk`` tokens at a time; after each chunk read every running trace's
-    tentative answer by forcing "The answer is" (one batched greedy step of a few tokens), and with ``prune``
-    stop the traces ``stop_rule`` finds redundant. Returns the majority answer, whether it is right, and the
-    tokens spent (sampled tokens, plus the probes' tokens)."""
+def probe_answers(model: nn.Module, tokenizer, prompt_text: str, samples: list[dict], chunk: int, *,
+                  batch_size: int = 16) -> list[dict[int, int | None]]:
+    """The tentative answer of every sample after every ``chunk`` of its tokens (and at its end when it never
+    wrote a final answer): greedy ``PROBE_NEW_TOKENS`` tokens after ``prefix + "\\n\\nThe answer is"``.
+    Returns, per sample, ``{tokens generated so far: answer}``."""
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk} must be >= 1 token.")
+    device = next(model.parameters()).device
+    p_ids = tokenizer(prompt_text, add_special_tokens=False).input_ids
+    probe = tokenizer(PROBE, add_special_tokens=False).input_ids
+    jobs = []
+    for i, s in enumerate(samples):
+        n = len(s["ids"])
+        cuts = list(range(chunk, n, chunk))
+        if s["answer"] is None:
+            cuts.append(n)
+        jobs += [(i, t) for t in cuts]
+    out: list[dict[int, int | None]] = [{} for _ in samples]
+    pad = tokenizer.pad_token_id
+    for b in range(0, len(jobs), batch_size):
+        part = jobs[b:b + batch_size]
+        seqs = [p_ids + samples[i]["ids"][:t] + probe for i, t in part]
+        n = max(map(len, seqs))
+        ids = torch.tensor([[pad] * (n - len(x)) + x for x in seqs], device=device)
+        mask = torch.tensor([[0] * (n - len(x)) + [1] * len(x) for x in seqs], device=device)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=PROBE_NEW_TOKENS, do_sample=False,
+                             pad_token_id=pad)
+        for (i, t), row in zip(part, gen[:, n:].tolist()):
+            m = re.match(r"\s*(-?\d+)", tokenizer.decode(row, skip_special_tokens=True))
+            out[i][t] = int(m.group(1)) if m else None
+    return out
+
+
+def probe_cost(tokenizer) -> int:
+    """Tokens one probe costs: the probe's text read after the cached prefix, plus the tokens it generates."""
+    return len(tokenizer(PROBE, add_special_tokens=False).input_ids) + PROBE_NEW_TOKENS
+
+
+def _majority(answers: list[int | None]) -> int | None:
     from collections import Counter
 
-    device = next(model.parameters()).device
-    torch.manual_seed(seed)
-    prompt = chat_prompt(tokenizer, problem.question)
-    cur = tokenizer([prompt] * n, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
-    rows = list(range(n))  # which trace each row of ``cur`` is
-    active, finished = [True] * n, [False] * n
+    votes = Counter(a for a in answers if a is not None)
+    return votes.most_common(1)[0][0] if votes else None
+
+
+def vote_first(samples: list[dict], k: int, probes: list[dict] | None = None, cost: int = 0) -> dict:
+    """"Stop after k traces": majority vote over the first ``k`` samples run to the end. A sample without a final
+    answer is read by a final probe (its cost counted) when ``probes`` are given."""
+    if not 1 <= k <= len(samples):
+        raise ValueError(f"k={k} must be in [1, {len(samples)}].")
+    answers, tokens = [], 0
+    for i, s in enumerate(samples[:k]):
+        tokens += len(s["ids"])
+        a = s["answer"]
+        if a is None and probes is not None:
+            a = probes[i].get(len(s["ids"]))
+            tokens += cost
+        answers.append(a)
+    return {"answer": _majority(answers), "tokens": tokens}
+
+
+def early_stop(samples: list[dict], probes: list[dict], chunk: int, cost: int, *, min_group: int = 2) -> dict:
+    """DeepPrune's parallel early stop, replayed on recorded samples: all samples advance ``chunk`` tokens at a
+    time; after each chunk every running sample is probed (``cost`` tokens each) and ``stop_rule`` stops the ones
+    whose tentative answer already has ``min_group`` others agreeing. The vote counts finished samples' final
+    answers and stopped samples' last tentative answers. Returns the answer and every token spent (sampled +
+    probes)."""
+    n = len(samples)
+    active = [True] * n
     tentative: list[int | None] = [None] * n
-    spent = probe_tokens = 0
-    texts = [""] * n
-    eos = tokenizer.eos_token_id
-    for _ in range(0, max_new_tokens, chunk):
-        if not rows:
-            break
-        out = model.generate(cur, attention_mask=torch.ones_like(cur), max_new_tokens=chunk, do_sample=True,
-                             temperature=temperature, top_p=1.0, pad_token_id=eos)
-        new = out[:, cur.shape[1]:]
-        for r, i in enumerate(rows):
-            toks = new[r].tolist()
-            done = eos in toks
-            toks = toks[:toks.index(eos) + 1] if done else toks
-            spent += len(toks)
-            texts[i] += tokenizer.decode(toks, skip_special_tokens=True)
-            finished[i] = finished[i] or done or ANSWER_PREFIX in texts[i]
-        probes = [prompt + texts[i].split(ANSWER_PREFIX)[0].rstrip() + "\n\n" + ANSWER_PREFIX for i in rows]
-        for i, a in zip(rows, greedy_answers(model, tokenizer, probes, max_new_tokens=4)):
-            tentative[i] = a
-        probe_tokens += 4 * len(rows)
-        if prune:
-            active = stop_rule(tentative, active, min_group)
-        keep = [r for r, i in enumerate(rows) if active[i] and not finished[i] and new.shape[1] == chunk]
-        cur, rows = out[keep], [rows[r] for r in keep]
-    votes = Counter(a for a in tentative if a is not None)
-    majority = votes.most_common(1)[0][0] if votes else None
-    return {"answer": majority, "correct": majority == problem.answer, "tokens": spent,
-            "probe_tokens": probe_tokens, "tentative": tentative}
+    used = [0] * n
+    probe_tokens = 0
+    lengths = [len(s["ids"]) for s in samples]
+    t = 0
+    while any(active):
+        t += chunk
+        for i in range(n):
+            if not active[i]:
+                continue
+            used[i] = min(lengths[i], t)
+            if lengths[i] <= t:  # finished: its final answer (or a final probe when it wrote none)
+                active[i] = False
+                tentative[i] = samples[i]["answer"]
+                if tentative[i] is None:
+                    tentative[i] = probes[i].get(lengths[i])
+                    probe_tokens += cost
+            else:
+                tentative[i] = probes[i].get(t)
+                probe_tokens += cost
+        active = stop_rule(tentative, active, min_group)
+    return {"answer": _majority(tentative), "tokens": sum(used) + probe_tokens, "sampled": sum(used),
+            "probe_tokens": probe_tokens}
 
 
 # --------------------------------------------------------------------------- notebook helpers
-
-
-def answer_logprobs(model: nn.Module, tokenizer, prompts_answers: list[tuple[str, int]], batch_size: int = 16) -> list[float]:
-    """Teacher-forced log p(" <answer>") after each prompt (which ends with "The answer is"), batched."""
-    variants = []
-    for prompt, ans in prompts_answers:
-        ids = tokenizer(prompt + f" {ans}", add_special_tokens=False, return_tensors="pt").input_ids[0]
-        n = len(tokenizer(prompt, add_special_tokens=False).input_ids)
-        variants.append((ids, n, len(ids) - n))
-    return answer_logprob_batch(model, variants, batch_size)
-
-
-def own_cot_stats(model: nn.Module, tokenizer, problems: list[Problem], *, max_new_tokens: int = 128) -> dict:
-    """The model's own greedy CoTs on ``problems``: mean length in tokens, accuracy, per-problem correctness."""
-    traces = model_traces(model, tokenizer, problems, max_new_tokens=max_new_tokens)
-    answers = greedy_answers(model, tokenizer, [answer_prompt(tokenizer, t, t.cot) for t in traces])
-    correct = [a == p.answer for a, p in zip(answers, problems)]
-    lengths = [len(tokenizer(t.cot, add_special_tokens=False).input_ids) for t in traces]
-    return {"mean_cot_tokens": sum(lengths) / len(lengths), "accuracy": sum(correct) / len(correct),
-            "correct": correct, "answers": answers, "traces": traces}
 
 
 def render_html(trace: Trace, values, title: str, keep: list[int] | None = None, how: str = "paragraph") -> str:

@@ -146,17 +146,27 @@ def verdict_words(v: dict, a: str, b: str, *, noise: str = "within noise", too_f
 
 
 def paired_text(p: dict, a: str = "A", b: str = "B", *, scale: float = 100.0, digits: int = 2, unit: str = " pts",
-                marks: bool = False) -> str:
+                marks: bool = False, words: tuple[str, str] | None = None) -> str:
     """``paired``'s result for a reader: ``"+0.65 ± 0.29 pts, ticket better (p = 0.012)"`` — the mean
     difference ± its sample standard deviation — or with ``marks`` the compact table form
-    ``"+0.65 ± 0.29 **+**"``: **+** / **−** a difference at the 5% level, ≈ within noise, · too few pairs."""
+    ``"+0.65 ± 0.29 **+**"``: **+** / **−** a difference at the 5% level, ≈ within noise, · too few pairs.
+    ``words`` replaces "<a> better" / "<b> better" where higher is not better (e.g. ("a longer", "a shorter"))."""
     sd = "" if p["std_difference"] != p["std_difference"] else f" ± {scale * p['std_difference']:.{digits}f}"
     number = f"{scale * p['mean_difference']:+.{digits}f}{sd}"
     if marks:
         return f"{number} " + verdict_words(p, "**+**", "**−**", noise="≈", too_few="·")
-    word = verdict_words(p, f"{a} better", f"{b} better", too_few=f"n = {p['n']}, no test")
+    word = verdict_words(p, *(words or (f"{a} better", f"{b} better")), too_few=f"n = {p['n']}, no test")
     pv = "" if p.get("p_value") != p.get("p_value") or p.get("p_value") is None else f" (p = {p['p_value']:.2g})"
     return f"{number}{unit}, {word}{pv}"
+
+
+def binary_text(v: dict, a: str = "A", b: str = "B") -> str:
+    """``paired_binary``'s result for a reader: ``"+12 pts (9 right only with a, 2 only with b; exact McNemar
+    p = 0.065: within noise)"``."""
+    p = "" if v["p_value"] != v["p_value"] else f"; exact McNemar p = {v['p_value']:.2g}"
+    word = verdict_words(v, f"{a} better", f"{b} better", too_few=f"n = {v['n']}, no test")
+    return (f"{100 * v['mean_difference']:+.0f} pts ({v['a_only']} right only with {a}, {v['b_only']} only with "
+            f"{b}{p}: {word})")
 
 
 def ratio_text(p: dict, lower: str = "lower", higher: str = "higher") -> str:

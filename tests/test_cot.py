@@ -1,5 +1,6 @@
-"""pruning_lab.cot: surprisal by hand, one pass == per-step forwards, segmentation round-trips, pruning keeps
-question and answer and hits its token target, synthetic labels, the parallel stop rule, bad input."""
+"""pruning_lab.cot: surprisal by hand, one pass == per-step forwards, segmentation round-trips, ASAP's two stages and
+stopping rule by hand, pruning rules and refusals, grading (AUC by hand and against scikit-learn, bag of words under
+grouped cross-validation), the exact problem-file loader, the parallel-trace accounting, and the notebook."""
 
 import json
 import math
@@ -8,16 +9,13 @@ import pytest
 import torch
 
 from pruning_lab import cot
+from pruning_lab import reasoner as rs
 from pruning_lab.models import tiny_llama
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from transformers import AutoTokenizer
-
-    from pruning_lab.models import embedded_model_folder
-
-    return AutoTokenizer.from_pretrained(embedded_model_folder())
+    return rs.load_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -26,28 +24,25 @@ def model(tok):
 
 
 @pytest.fixture(scope="module")
-def trace():
-    return cot.synthetic_trace(cot.make_problems(1, seed=3)[0], seed=1, redundancy=1.0)
+def problem():
+    return rs.make_problems(1, seed=3)[0]
 
 
-# --------------------------------------------------------------------------- data
+@pytest.fixture(scope="module")
+def trace(problem):
+    return rs.verbose_trace(problem, seed=1)
 
 
-def test_generated_problems_are_exact_and_synthetic_labels_match_the_answer():
-    for p in cot.make_problems(30, seed=0):
-        value = int(p.question.split(" has ")[1].split()[0])
-        for work in p.steps:  # replay the necessary steps: they must reach the answer
-            left, right = work.split(" = ")
-            a, op, b = left.split()
-            assert int(a) == value and int(right) == {"+": value + int(b), "-": value - int(b), "*": value * int(b)}[op]
-            value = int(right)
-        assert value == p.answer
-        t = cot.synthetic_trace(p, seed=2)
-        steps = t.cot.split("\n\n")
-        assert len(steps) == len(t.redundant) == len(t.kinds)
-        necessary = [s for s, r in zip(steps, t.redundant) if not r]
-        assert len(necessary) == len(p.steps) and necessary[-1].endswith(f"= {p.answer}.")
-        assert all(k == "necessary" for k, r in zip(t.kinds, t.redundant) if not r)
+def _hand_trace():
+    """A hand-made CoT of "3, buy 4, buy 2": a restatement, a detour, the computation, a re-check, the second
+    computation, a summary."""
+    p = rs.Problem("Ann has 3 apples. Then Ann buys 4 more. Then Ann buys 2 more. How many apples does Ann have now?",
+                   9, steps=("3 + 4 = 7", "7 + 2 = 9"), values=(3, 7, 9), ops=(("buy", 4), ("buy", 2)))
+    text = ("Ann has 3 apples.\n\nIf she buys 5 more, 3 + 5 = 8.\n\nShe buys 4 more, so 3 + 4 = 7.\n\n"
+            "Let me check: 3 + 4 = 7.\n\nStep 5: 7 + 2 = 9.\n\nSo she has 9 apples.")
+    t = rs.Trace(p.question, text, 9)
+    t.redundant = rs.chain_labels(t, p)
+    return p, t
 
 
 def _jsonl(tmp_path, *rows):
@@ -126,7 +121,7 @@ def test_jsonl_loader_refuses_bad_steps_and_labels(tmp_path):
         cot.load_jsonl(_jsonl(tmp_path, {"question": "q", "answer": 3}), require_labels=True)
 
 
-# --------------------------------------------------------------------------- segmentation
+# --------------------------------------------------------------------------- segmentation and encoding
 
 
 @pytest.mark.parametrize("how", sorted(cot.SEGMENTERS))
@@ -148,6 +143,8 @@ def test_token_spans_are_exact(tok, trace):
         assert tok.decode(enc.ids[a:b]).strip() == trace.cot[ca:cb].strip()
     assert tok.decode(enc.ids[enc.answer[0]:enc.answer[1]]).strip() == str(trace.answer)
     assert enc.steps[-1][1] <= enc.answer[0]
+    # the reasoner's format: its verbose prompt, then the completion it was trained on
+    assert tok.decode(enc.ids[:enc.prompt_len]) == rs.prompt(tok, trace.question)
 
 
 # --------------------------------------------------------------------------- scores
@@ -189,7 +186,7 @@ def test_answer_logprobs_score_only_the_answer_positions_and_equal_the_full_log_
     # answers of 3, 1 and 2 tokens at different places, batches of 2 and 3; the second model hides
     # model.model / lm_head, so the path that takes the logits of every position is checked too
     g = torch.Generator().manual_seed(1)
-    variants = [(torch.randint(5, len(tok), (n,), generator=g), a, k) for n, a, k in ((20, 15, 3), (9, 8, 1), (31, 10, 2))]
+    variants = [(torch.randint(5, len(tok), (n,), generator=g), a, k) for n, a, k in ((20, 15, 3), (9, 7, 1), (31, 10, 2))]
 
     class Whole(torch.nn.Module):
         def __init__(self, m):
@@ -200,56 +197,181 @@ def test_answer_logprobs_score_only_the_answer_positions_and_equal_the_full_log_
             return self.m(**kw)
 
     got = cot.answer_logprob_batch(model, variants, batch_size=2)
-    whole = cot.answer_logprob_batch(Whole(model), variants, batch_size=3)
-    for (x, a, k), g1, g2 in zip(variants, got, whole):
+    whole, greedy = cot.answer_logprob_batch(Whole(model), variants, batch_size=3, greedy=True)
+    for (x, a, k), g1, g2, ok in zip(variants, got, whole, greedy):
         with torch.no_grad():
             lp = torch.log_softmax(model(input_ids=x[None]).logits[0].float(), -1)
         want = float(lp[a - 1:a - 1 + k].gather(-1, x[a:a + k, None]).sum())
         assert g1 == pytest.approx(want, abs=1e-4) and g2 == pytest.approx(want, abs=1e-4)
+        assert ok == bool((lp[a - 1:a + k].argmax(-1) == x[a:a + k + 1]).all())
 
 
-def test_answer_gain_equals_separate_forwards(model, tok, trace):
+def test_leave_one_out_equals_separate_forwards(model, tok, trace):
     enc = cot.encode(tok, trace)
     logp = cot.token_logprobs(model, enc.ids)
-    gain = cot.AnswerGain(batch_size=3).score(enc, logp, model=model)
+    loo = cot.leave_one_out(model, enc, logp, batch_size=3)
+    assert torch.equal(cot.AnswerGain(batch_size=3).score(enc, logp, model=model), loo["gain"])
     full = float(logp[enc.answer[0]:enc.answer[1]].sum())
     for i in range(len(enc.steps)):
         ids, start, n = cot.keep_ids(enc, [j for j in range(len(enc.steps)) if j != i])
-        lp = cot.token_logprobs(model, ids)
-        assert float(gain[i]) == pytest.approx(full - float(lp[start:start + n].sum()), abs=1e-3)
+        with torch.no_grad():
+            logits = model(input_ids=ids[None]).logits[0].float()
+        lp = torch.log_softmax(logits, -1)
+        assert float(loo["gain"][i]) == pytest.approx(full - float(lp[start - 1:start - 1 + n].gather(
+            -1, ids[start:start + n, None]).sum()), abs=1e-3)
+        # the reader's verdict: does greedy decoding still write " N." after "The answer is"?
+        keeps = bool((logits[start - 1:start + n].argmax(-1) == ids[start:start + n + 1]).all())
+        assert bool(loo["flips"][i]) == (not keeps)
 
 
-def test_asap_ranks_anchors_first(model, tok, trace):
-    enc = cot.encode(tok, trace)
-    direct = " ".join(cot.make_problems(1, seed=3)[0].steps)
-    s = cot.score_steps(model, enc, "asap", direct=direct)
-    anchor = cot.anchors(enc, direct)
-    assert anchor.any() and not anchor.all()
-    assert s[anchor].min() > s[~anchor].max()
+def test_scores_are_objects_and_asap_is_one_of_them():
+    assert isinstance(cot.get_score("asap"), cot.ASAP) and set(cot.SCORES) >= {
+        "first_token_surprisal", "mean_surprisal", "answer_gain", "position", "random", "asap"}
+    mine = cot.Regex(r"^Step", "step")
+    assert cot.get_score(mine) is mine
+    with pytest.raises(ValueError, match="Unknown step score"):
+        cot.get_score("entropy")
+    with pytest.raises(ValueError, match="not a step score"):
+        cot.get_score(42)
 
 
-# --------------------------------------------------------------------------- pruning
+def test_surface_regex_reads_the_wording_only(tok):
+    _, t = _hand_trace()
+    enc = cot.encode(tok, t)
+    assert cot.Regex(r"^Step \d+:").score(enc).tolist() == [0, 0, 0, 0, 1, 0]
+    assert cot.Regex(r"\d\s*[-+*]\s*\d", keep_if_match=False).score(enc).tolist() == [1, 0, 0, 0, 0, 1]
 
 
-def test_pruning_hits_the_token_target_and_keeps_question_and_answer(tok, trace):
-    enc = cot.encode(tok, trace)
-    sizes = [b - a for a, b in enc.steps]
-    scores = torch.tensor([float(i % 3) for i in range(len(sizes))])
-    for f in (0.2, 0.5, 0.8, 1.0):
-        keep = cot.prune(enc, scores, f)
-        assert sum(sizes[i] for i in keep) <= f * sum(sizes)
-        # nothing else would fit: every dropped step is larger than the room left
-        room = f * sum(sizes) - sum(sizes[i] for i in keep)
-        assert all(sizes[i] > room for i in range(len(sizes)) if i not in keep)
-        prompt = cot.answer_prompt(tok, trace, cot.pruned_cot(enc, keep))
-        assert trace.question in prompt and prompt.endswith(cot.ANSWER_PREFIX)
-    assert cot.prune(enc, scores, threshold=1.5) == [i for i in range(len(sizes)) if i % 3 == 2]
+# --------------------------------------------------------------------------- ASAP
 
 
-def test_precision_recall_by_hand():
-    t = cot.Trace("q", "a\n\nb\n\nc\n\nd", 1, redundant=[True, False, True, False])
+def test_asap_coarse_stage_by_hand(tok):
+    p, t = _hand_trace()
+    enc = cot.encode(tok, t)
+    # the anchor takes the direct path: the detour (3 + 5 = 8) writes only equations the anchor never writes
+    direct = "She buys 4 more: 3 + 4 = 7.\n\nShe buys 2 more: 7 + 2 = 9."
+    assert cot.ASAP.coarse(enc, direct) == [0, 2, 3, 4, 5]
+    # an anchor that is wrong takes the right steps with it (ASAP trusts its anchor)
+    assert cot.ASAP.coarse(enc, "3 + 4 = 7. 7 + 3 = 10.") == [0, 2, 3, 5]
+
+
+def test_asap_fine_stage_scores_first_tokens_in_the_coarse_cot(model, tok):
+    p, t = _hand_trace()
+    enc = cot.encode(tok, t)
+    direct = "3 + 4 = 7.\n\n7 + 2 = 9."
+    s = cot.ASAP().score(enc, None, model=model, direct=direct)
+    kept = cot.ASAP.coarse(enc, direct)
+    assert [i for i in range(len(s)) if math.isinf(float(s[i]))] == [1]
+    ids, _, _ = cot.keep_ids(enc, kept)  # the coarse-pruned CoT, its first tokens by hand
+    pos = enc.prompt_len
+    for i in kept:
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=ids[None, :pos]).logits[0, -1].float(), -1)
+        assert float(s[i]) == pytest.approx(-float(lp[ids[pos]]), abs=1e-4)
+        pos += enc.steps[i][1] - enc.steps[i][0]
+    with pytest.raises(ValueError, match="anchor"):
+        cot.ASAP().score(enc, None, model=model)
+
+
+def test_prune_remove_rule_is_asaps_stopping_rule(tok):
+    _, t = _hand_trace()
+    enc = cot.encode(tok, t)
+    sizes = cot.step_tokens(enc)
+    scores = torch.tensor([5.0, -math.inf, 3.0, 1.0, 4.0, 2.0])
+    # -inf goes whatever the budget; then the least-scoring step, one at a time, until the rest fits
+    assert cot.prune(enc, scores, 1.0) == [0, 2, 3, 4, 5]
+    budget = sum(sizes) - sizes[1] - sizes[3]
+    assert cot.prune(enc, scores, max_tokens=budget) == [0, 2, 4, 5]
+    assert cot.prune(enc, scores, max_tokens=budget - 1) == [0, 2, 4]
+    # ties: the earlier step goes first
+    assert cot.prune(enc, torch.zeros(6), max_tokens=sum(sizes) - sizes[0]) == [1, 2, 3, 4, 5]
+    # the greedy "fit" rule skips a step that would overflow and keeps looking
+    fit = cot.prune(enc, scores, max_tokens=sizes[0] + sizes[5], rule="fit")
+    assert 0 in fit and sum(sizes[i] for i in fit) <= sizes[0] + sizes[5]
+    assert cot.prune(enc, scores, threshold=3.0) == [0, 2, 4]
+
+
+@pytest.mark.parametrize("share", [0, 1.5, -0.1, "0.5", True])
+def test_a_target_share_outside_0_1_is_refused_naming_the_parameter(tok, share):
+    _, t = _hand_trace()
+    enc = cot.encode(tok, t)
+    with pytest.raises(ValueError, match=r"keep_fraction=.* must be a share of the CoT's tokens in \(0, 1\]"):
+        cot.prune(enc, torch.zeros(6), share)
+
+
+def test_prune_refuses_ambiguous_or_mismatched_requests(tok):
+    _, t = _hand_trace()
+    enc = cot.encode(tok, t)
+    with pytest.raises(ValueError, match="exactly one"):
+        cot.prune(enc, torch.zeros(6), 0.5, max_tokens=10)
+    with pytest.raises(ValueError, match="5 scores for 6 steps"):
+        cot.prune(enc, torch.zeros(5), 0.5)
+    with pytest.raises(ValueError, match="rule"):
+        cot.prune(enc, torch.zeros(6), 0.5, rule="best")
+
+
+# --------------------------------------------------------------------------- grading
+
+
+def test_precision_recall_by_hand_and_refusals(tok):
+    t = rs.Trace("q", "a\n\nb\n\nc\n\nd", 1, redundant=[True, False, True, False])
     assert cot.precision_recall(t, keep=[1, 3]) == (1.0, 1.0)
     assert cot.precision_recall(t, keep=[0, 1]) == (0.5, 0.5)  # removed c (redundant) and d (necessary)
+    assert cot.precision_recall(t, keep=[0, 1, 2, 3]) == (1.0, 0.0)
+    with pytest.raises(ValueError, match=r"3 label\(s\) for 4 step\(s\)"):
+        cot.precision_recall(rs.Trace("q", "a\n\nb\n\nc\n\nd", 1, redundant=[True, False, True]), keep=[0])
+    with pytest.raises(ValueError, match="keep holds 4, not a step index"):
+        cot.precision_recall(t, keep=[0, 4])
+    with pytest.raises(ValueError, match="needs a labelled trace"):
+        cot.precision_recall(rs.Trace("q", "a\n\nb", 1), keep=[0])
+
+
+def test_roc_auc_by_hand_and_against_scikit_learn():
+    from sklearn.metrics import roc_auc_score
+
+    assert cot.roc_auc([3, 1, 2, 2], [True, False, True, False]) == pytest.approx(0.875)  # (1 + 1 + 1 + 0.5) / 4
+    assert math.isnan(cot.roc_auc([1, 2], [True, True]))
+    g = torch.Generator().manual_seed(0)
+    v, y = torch.randint(0, 5, (50,), generator=g), torch.rand(50, generator=g) < 0.4
+    assert cot.roc_auc(v, y) == pytest.approx(roc_auc_score(y.numpy(), v.numpy()))
+    # a keep-score that ranks the redundant steps lowest is perfect
+    assert cot.redundancy_auc([0.1, 5, 0.2, 7], [True, False, True, False]) == 1.0
+
+
+def test_random_is_chance_as_an_expectation(tok):
+    encs, labs = [], []
+    for i, p in enumerate(rs.make_problems(10, seed=9)):
+        t = rs.verbose_trace(p, seed=i)
+        encs.append(cot.encode(tok, t))
+        labs.append(t.redundant)
+    aucs = [cot.grade({"r": [cot.Random(seed=d).score(e, None) for e in encs]}, labs)["r"]["auc"] for d in range(200)]
+    assert sum(aucs) / len(aucs) == pytest.approx(0.5, abs=0.02)
+    assert max(aucs) - min(aucs) > 0.1  # one draw is not the expectation
+
+
+def test_bag_of_words_learns_a_word_that_gives_the_label_away_and_nothing_else():
+    g = torch.Generator().manual_seed(0)
+    texts, labels = [], []
+    for _ in range(30):
+        red = (torch.rand(6, generator=g) < 0.5).tolist()
+        texts.append([("Hmm, " if r else "So ") + f"{int(torch.randint(1, 50, (1,), generator=g))} apples." for r in red])
+        labels.append(red)
+    leak = cot.grade({"bow": cot.bag_of_words_scores(texts, labels)}, labels)["bow"]["auc"]
+    assert leak > 0.95
+    blind = [[s.replace("Hmm, ", "").replace("So ", "") for s in steps] for steps in texts]
+    assert abs(cot.grade({"bow": cot.bag_of_words_scores(blind, labels)}, labels)["bow"]["auc"] - 0.5) < 0.15
+    with pytest.raises(ValueError, match="at least 5"):
+        cot.bag_of_words_scores(texts[:3], labels[:3])
+
+
+def test_oracle_precision_recall_of_a_perfect_score_is_one(tok):
+    _, t = _hand_trace()
+    enc = cot.encode(tok, t)
+    perfect = torch.tensor([0.0 if r else 1.0 for r in t.redundant])
+    assert cot.oracle_precision_recall([enc], [perfect], [t.redundant])["precision"] == 1.0
+
+
+# --------------------------------------------------------------------------- problem files
 
 
 def test_precision_recall_refuses_labels_that_do_not_fit_the_steps():
@@ -275,29 +397,31 @@ def test_stop_rule_on_hand_made_partial_answers():
     assert cot.stop_rule([7, 7, 7], [False, False, True], min_group=2) == [False, False, True]
 
 
-# --------------------------------------------------------------------------- bad input
+def test_voting_and_early_stop_count_every_token_by_hand():
+    ids = lambda n: list(range(n))
+    samples = [{"ids": ids(10), "answer": 5}, {"ids": ids(25), "answer": 5}, {"ids": ids(30), "answer": 5},
+               {"ids": ids(12), "answer": None}]
+    probes = [{8: 5}, {8: 5, 16: 5, 24: 5}, {8: 5, 16: 5, 24: 5}, {8: 3, 12: 3}]
+    # plain voting: every sampled token; the sample without a final answer is read by one final probe
+    assert cot.vote_first(samples, 4, probes, cost=9) == {"answer": 5, "tokens": 10 + 25 + 30 + 12 + 9}
+    assert cot.vote_first(samples, 1) == {"answer": 5, "tokens": 10}
+    # early stop, chunks of 8: at 8 tokens all four are probed (4 x 9); three say 5, so samples 1 and 2 stop
+    # (sample 0, the first, represents the group); by 16 sample 0 has finished (10 tokens, its answer 5) and
+    # sample 3 has finished at 12 without an answer: one final probe (9)
+    out = cot.early_stop(samples, probes, 8, cost=9)
+    assert out == {"answer": 5, "sampled": 10 + 8 + 8 + 12, "probe_tokens": 9 * 5, "tokens": 38 + 45}
+    with pytest.raises(ValueError, match="k=5"):
+        cot.vote_first(samples, 5)
 
 
-def test_bad_input(tok):
-    with pytest.raises(ValueError, match="empty"):
-        cot.segment("   ")
-    with pytest.raises(ValueError, match="at least two"):
-        cot.segment("one single step", "paragraph")
-    with pytest.raises(ValueError, match=r"\(0, 1\]"):
-        t = cot.synthetic_trace(cot.make_problems(1)[0])
-        cot.prune(cot.encode(tok, t), torch.zeros(len(t.redundant)), 1.5)
-    with pytest.raises(ValueError, match="Unknown step score"):
-        cot.get_score("entropy")
-    import os
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
-        f.write('{"q": 1}\n')
-    try:  # a bad line is refused with its file and line number, not warned about and skipped
-        with pytest.raises(ValueError, match=rf"{os.path.basename(f.name)}:1: no \"question\""):
-            cot.load_jsonl(f.name)
-    finally:
-        os.unlink(f.name)
+def test_probe_answers_read_the_number_after_the_probe(model, tok):
+    samples = [{"ids": tok(" 3 + 4 = 7.\n\nThe answer is 7.", add_special_tokens=False).input_ids, "answer": 7},
+               {"ids": tok(" Hmm, 3 + 4", add_special_tokens=False).input_ids, "answer": None}]
+    out = cot.probe_answers(model, tok, "Q?", samples, 4)
+    n0, n1 = len(samples[0]["ids"]), len(samples[1]["ids"])
+    assert set(out[0]) == set(range(4, n0, 4)) and set(out[1]) == set(range(4, n1, 4)) | {n1}
+    assert all(v is None or isinstance(v, int) for d in out for v in d.values())
+    assert cot.probe_cost(tok) == len(tok(cot.PROBE, add_special_tokens=False).input_ids) + cot.PROBE_NEW_TOKENS
 
 
 # --------------------------------------------------------------------------- the notebook
@@ -305,39 +429,97 @@ def test_bad_input(tok):
 
 def test_notebook_smoke_run(smoke_runs):
     results, nb_path = smoke_runs("05_cot_pruning")
-    scores = ["first_token_surprisal", "answer_gain", "asap", "random", "position"]
-    assert set(results["curves"]) == set(scores) and set(results["synthetic"]) == set(scores)
-    for name in scores:
-        pts = results["curves"][name]
-        assert [p["target"] for p in pts] == [0.5, 1.0]
-        assert all(p["tokens_kept"] <= p["target"] + 1e-9 for p in pts)
-        assert pts[-1]["tokens_kept"] == 1.0 and pts[-1]["answer_logprob_retained"] == pytest.approx(1.0)
-        assert 0 <= results["synthetic"][name]["precision"] <= 1 and 0 <= results["synthetic"][name]["recall"] <= 1
-    # the full CoT helps the model: its answer is likelier after the CoT than with none
-    assert results["answer_logprob"]["full"] > results["answer_logprob"]["none"]
-    ft = results["finetune"]
-    assert set(ft["before"]) == set(ft["after"]) == {"mean_cot_tokens", "accuracy"}
+    for key in ("base", "reasoner", "own_cots", "grading", "asap", "distill", "parallel", "conclusions"):
+        assert key in results, key
+    g = results["grading"]
+    assert {"asap", "first_token_surprisal", "answer_gain", "random", "position", "opens_with_step_k",
+            "bag_of_words_cv"} <= set(g["auc"])
+    assert all(0 <= v <= 1 for v in g["auc"].values() if v is not None)
+    d = results["distill"]
+    assert set(d["accuracy"]) == {"unpruned", "asap", "random", d["rival"]}
+    assert d["token_share"]["unpruned"] == 1.0 and d["token_share"]["asap"] <= results["params"]["asap_target"] + 1e-9
+    # random and the rival were pruned to ASAP's budget, trace by trace
+    assert d["token_share"]["random"] <= d["token_share"]["asap"] + 1e-9
     par = results["parallel"]
-    assert 0 < par["pruned"]["tokens"] <= par["plain"]["tokens"] and par["plain"]["tokens"] <= 3 * 16
-    assert (nb_path.parent / "results" / "figures" / "05_cot_pruning" / "answer_logprob_retained.png").is_file()
+    assert par["early"]["tokens"] > 0 and set(par["vote"]) == {str(k) for k in range(1, par["n"] + 1)}
+    figs = nb_path.parent / "results" / "figures" / "05_cot_pruning"
+    assert {"reasoner_training.png", "students.png", "parallel.png"} <= {p.name for p in figs.iterdir()}
 
 
-def test_readme_quotes_the_committed_chapter_5_run():
-    import json
+def _committed():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     r = json.loads((root / "results" / "05_cot_pruning.json").read_text())
-    readme = " ".join((root / "README.md").read_text().split())
-    ag, rnd = r["synthetic"]["answer_gain"], r["synthetic"]["random"]
-    assert f"precision and recall {ag['precision']:.2f}; random {rnd['precision']:.2f}/{rnd['recall']:.2f}" in readme
-    assert ag["precision"] == ag["recall"] and r["synthetic"]["first_token_surprisal"]["recall"] < rnd["recall"]
-    ft = r["finetune"]
-    assert f"a {ft['steps']}-step LoRA" in readme
-    assert f"from {ft['before']['mean_cot_tokens']:.0f} to {ft['after']['mean_cot_tokens']:.0f} tokens" in readme
-    assert f"(accuracy {ft['before']['accuracy']:.0%} → {ft['after']['accuracy']:.0%}, within noise)" in readme
-    assert ft["accuracy_paired"]["verdict"] == "within noise"
-    par = r["parallel"]
-    assert f"spent {1 - par['pruned']['tokens'] / par['plain']['tokens']:.0%} fewer tokens" in readme
-    assert f"the {par['problems']} problems right" in readme
-    assert f"right {round(r['own']['accuracy'] * r['own']['n'])} of {r['own']['n']} times" in readme
+    nb = json.loads((root / "notebooks" / "05_cot_pruning.ipynb").read_text())
+    return root, r, nb
+
+
+def test_committed_run_matches_its_rendered_conclusion():
+    """notebooks/05's conclusions are rendered from its results; this checks the committed classroom run: the claims'
+    sizes (>= 50 held-out problems, >= 100 random draws, >= 20 parallel problems), a reasoner in the issue's range,
+    every recorded verdict equal to the noise test recomputed from the recorded per-problem outcomes, and the rendered
+    text being the recorded one."""
+    from pruning_lab.stats import paired, paired_binary
+
+    _, r, nb = _committed()
+    p = r["params"]
+    assert p["reasoner"] == "classroom" and p["n_heldout"] >= 50 and p["random_draws"] >= 100
+    assert p["parallel_problems"] >= 20
+    n = p["n_heldout"]
+    rz = r["reasoner"]
+    assert rz["n"] == n == len(rz["cot_correct"]) == len(rz["answer_correct"]) == len(r["base"]["cot_correct"])
+    assert rz["cot_accuracy"] == pytest.approx(sum(rz["cot_correct"]) / n)
+    assert rz["answer_accuracy"] == pytest.approx(sum(rz["answer_correct"]) / n)
+    v = paired_binary(rz["cot_correct"], rz["answer_correct"])
+    assert v["verdict"] == rz["cot_vs_answer"]["verdict"] == "A better"  # the CoT is clearly better (exact McNemar)
+    assert v["p_value"] == pytest.approx(rz["cot_vs_answer"]["p_value"])
+    assert 0.4 <= rz["cot_accuracy"] <= 0.9  # issue 21: a model that reasons, not one that saturates
+
+    d = r["distill"]
+    assert set(d["accuracy"]) == {"unpruned", "asap", "random", d["rival"]} and d["steps"] == p["distill_steps"]
+    for name, acc in d["accuracy"].items():
+        assert len(d["correct"][name]) == len(d["cot_tokens"][name]) == n
+        assert acc == pytest.approx(sum(d["correct"][name]) / n)
+        assert d["mean_cot_tokens"][name] == pytest.approx(sum(d["cot_tokens"][name]) / n)
+    for key, t in d["tests"].items():
+        a, b = key.split(" vs ")
+        acc, toks = paired_binary(d["correct"][a], d["correct"][b]), paired(d["cot_tokens"][a], d["cot_tokens"][b])
+        assert acc["verdict"] == t["accuracy"]["verdict"] and toks["verdict"] == t["tokens"]["verdict"], key
+        assert toks["mean_difference"] == pytest.approx(t["tokens"]["mean_difference"])
+
+    pa = r["parallel"]
+    assert pa["problems"] == len(pa["correct"]["early"]) >= 20
+    assert pa["early"]["accuracy"] == pytest.approx(sum(pa["correct"]["early"]) / pa["problems"])
+    for key, other in (("early_vs_all", str(pa["n"])), ("early_vs_equal_spend", str(pa["k_equal_spend"]))):
+        assert paired_binary(pa["correct"]["early"], pa["correct"][other])["verdict"] == pa[key]["verdict"]
+
+    g = r["grading"]
+    assert g["random_draws"] >= 100 and g["traces"] >= 20
+    for name, v in g["vs_random"].items():
+        assert paired(g["auc_per_trace"][name], g["auc_per_trace"]["random"])["verdict"] == v["verdict"], name
+
+    rendered = [o for c in nb["cells"] if c["cell_type"] == "code" and "rec.record(conclusions=lines)" in "".join(c["source"])
+                for o in c["outputs"] if "text/markdown" in o.get("data", {})]
+    assert len(rendered) == 1 and "".join(rendered[0]["data"]["text/markdown"]) == "\n".join(r["conclusions"])
+
+
+def test_readme_chapter_5_quotes_the_committed_run():
+    """The README's chapter-5 paragraph states numbers of the committed classroom run; a rerun that changes them
+    must change the README too."""
+    root, r, _ = _committed()
+    readme = (root / "README.md").read_text()
+    text = readme[readme.index("### 05 · Chain-of-thought pruning"):readme.index("## Rerunning a notebook")]
+    text = " ".join(text.split())
+    g, d, pa, rz = r["grading"], r["distill"], r["parallel"], r["reasoner"]
+    assert f"solves **{rz['cot_accuracy']:.0%}** with a CoT" in text
+    assert f"solves {r['base']['cot_accuracy']:.0%} of {rz['n']} held-out" in text
+    assert f"redundancy AUC of {g['auc']['bag_of_words_cv']:.2f}" in text
+    assert f"mean surprisal {g['auc']['mean_surprisal']:.2f}" in text and f"{g['auc']['asap']:.2f} and first-token" in text
+    for name, label in (("unpruned", "unpruned"), ("asap", "40% kept) "), ("random", "random steps"), ("mean_surprisal", "mean surprisal")):
+        assert f"{d['accuracy'][name]:.0%} at {d['mean_cot_tokens'][name]:.0f}" in text, name
+    t = d["tests"]["random vs unpruned"]["accuracy"]
+    assert t["verdict"] == "B better" and f"p = {t['p_value']:.2g}" in text
+    assert all(d["tests"][k]["accuracy"]["verdict"] == "within noise"
+               for k in ("asap vs unpruned", "asap vs random", f"asap vs {d['rival']}"))
+    assert f"{1 - pa['early']['tokens'] / pa['vote'][str(pa['n'])]['tokens']:.0%} fewer tokens" in text

@@ -139,3 +139,13 @@ def test_verdict_words_is_the_one_mapping_and_refuses_an_unknown_verdict():
               lambda v: kv.recurrence_words({**v, "n": 3, "p_value": 0.5})):
         with pytest.raises(ValueError, match="Unknown verdict"):
             f({"verdict": "A wins"})
+
+
+def test_binary_text_and_paired_text_words_by_hand():
+    v = stats.paired_binary([1] * 9 + [0] * 2 + [1] * 9, [0] * 9 + [1] * 2 + [1] * 9)  # 9 vs 2 discordant
+    # p = 2 * P(Bin(11, 1/2) <= 2) = 2 * (1 + 11 + 55) / 2048 = 0.0654
+    assert stats.binary_text(v, "the CoT", "answer only") == (
+        "+35 pts (9 right only with the CoT, 2 only with answer only; exact McNemar p = 0.065: within noise)")
+    t = stats.paired([10, 12, 14, 11], [20, 23, 25, 21])  # a writes 10.5 fewer tokens, every time
+    text = stats.paired_text(t, "asap", "unpruned", scale=1, digits=0, unit=" tokens", words=("asap longer", "asap shorter"))
+    assert text.startswith("-10 ± 1 tokens, asap shorter (p = ")
