@@ -39,7 +39,7 @@ from torch import nn
 
 from . import reasoner as rs
 from .data import left_padded as _left_pad
-from .reasoner import ANSWER_PREFIX, Problem, Trace, make_problems, parse_final  # noqa: F401  (re-exported)
+from .reasoner import ANSWER_PREFIX, SEGMENTERS, Problem, Trace, make_problems, parse_final, segment  # noqa: F401  (re-exported)
 
 # --------------------------------------------------------------------------- problems from a file
 
@@ -167,34 +167,7 @@ def file_trace(problem: Problem) -> Trace:
 
 # --------------------------------------------------------------------------- segmentation
 
-SEGMENTERS = {
-    "paragraph": r"\n\s*\n",  # ASAP: steps are paragraphs separated by blank lines
-    "line": r"\n",
-    "sentence": r"(?<=[.!?])\s+",
-    "step": r"(?=\bStep \d+\s*[:.])",
-}
-
-
-def segment(text: str, how: str = "paragraph") -> list[tuple[int, int]]:
-    """Character spans of the steps of ``text``: consecutive, covering every character (separators go to the
-    step before them), so ``"".join(text[a:b] for a, b in spans) == text``. Raises on empty text or when
-    there are fewer than two steps."""
-    if how not in SEGMENTERS:
-        raise ValueError(f"Unknown segmentation {how!r}: choose one of {sorted(SEGMENTERS)}.")
-    if not text.strip():
-        raise ValueError("The trace is empty: there is nothing to segment or prune.")
-    cuts = [m.end() if how != "step" else m.start() for m in re.finditer(SEGMENTERS[how], text)]
-    bounds = sorted({0, len(text), *[c for c in cuts if 0 < c < len(text)]})
-    spans = [(a, b) for a, b in zip(bounds, bounds[1:]) if text[a:b].strip()]
-    # glue any whitespace-only pieces to their neighbours so the spans still cover the text
-    spans = [(spans[0][0] if i == 0 else a, spans[i + 1][0] if i + 1 < len(spans) else len(text))
-             for i, (a, b) in enumerate(spans)]
-    if spans:
-        spans[0] = (0, spans[0][1])
-    if len(spans) < 2:
-        raise ValueError(f"The trace has {len(spans)} step(s) by {how!r} segmentation: pruning needs at least two. "
-                         "Try another segmentation (line, sentence, step).")
-    return spans
+# SEGMENTERS and segment live in reasoner (traces are written and labelled there) and are re-exported here.
 
 
 def token_spans(offsets: torch.Tensor, char_spans: list[tuple[int, int]], start: int) -> list[tuple[int, int]]:
@@ -853,3 +826,57 @@ def render_html(trace: Trace, values, title: str, keep: list[int] | None = None,
                      f"padding: 1px 3px'>{text}</span><br>")
     parts.append(f"<b>{ANSWER_PREFIX} {trace.answer}.</b>")
     return ("<div style='font-family: sans-serif; font-size: 13px; line-height: 1.6'>" + "".join(parts) + "</div>")
+
+
+# --------------------------------------------------------------------------- the chapter's runs (notebook 05)
+
+
+def score_own_cots(model: nn.Module, tokenizer, encoded: list[Encoded], problems: list[Problem], *,
+                   max_new_tokens: int = 160) -> dict:
+    """Every model score of the encoded CoTs from one forward per CoT (prefix scores), one batch of "without step i"
+    forwards (answer gain, reader flips) and the reasoner's direct CoTs as ASAP's anchors; JSON-able (-inf as is)."""
+    logps = token_logprobs_batch(model, [e.ids for e in encoded])
+    loo = [leave_one_out(model, e, lp) for e, lp in zip(encoded, logps)]
+    direct = rs.solve(model, tokenizer, problems, style="direct", max_new_tokens=min(160, max_new_tokens)) if problems else []
+    anchors = [rs.split_cot(d["text"]) for d in direct]
+    return {"first_token_surprisal": [FirstTokenSurprisal().score(e, lp).tolist() for e, lp in zip(encoded, logps)],
+            "mean_surprisal": [MeanSurprisal().score(e, lp).tolist() for e, lp in zip(encoded, logps)],
+            "answer_gain": [x["gain"].tolist() for x in loo], "flips": [x["flips"].tolist() for x in loo],
+            "anchors": anchors,
+            "asap": [ASAP().score(e, lp, model=model, direct=a).tolist() for e, lp, a in zip(encoded, logps, anchors)]}
+
+
+def sample_parallel(model: nn.Module, tokenizer, problems: list[Problem], n: int, chunk: int, *, max_new_tokens: int,
+                    temperature: float, seed: int = 0) -> dict:
+    """``n`` sampled CoTs per problem and every sample's probed tentative answers every ``chunk`` tokens (JSON-able:
+    probe positions as string keys)."""
+    prompts = [rs.prompt(tokenizer, p) for p in problems for _ in range(n)]
+    gens = rs.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                       return_ids=True, progress=True)
+    samples = [[{"ids": g["ids"], "answer": rs.parse_final(g["text"])} for g in gens[i * n:(i + 1) * n]]
+               for i in range(len(problems))]
+    probes = [probe_answers(model, tokenizer, rs.prompt(tokenizer, p), s, chunk) for p, s in zip(problems, samples)]
+    return {"samples": samples, "probes": [[{str(k): v for k, v in d.items()} for d in pr] for pr in probes]}
+
+
+def score_colours(scores: torch.Tensor) -> list[float]:
+    """Scores scaled to [0, 1] for ``render_html`` (0.5 for a step a stage removed outright, score -inf)."""
+    finite = scores[torch.isfinite(scores)]
+    lo, hi = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)
+    return [0.5 if not math.isfinite(float(v)) else (float(v) - lo) / (hi - lo + 1e-9) for v in scores]
+
+
+@dataclass
+class PrunedExplorer:
+    """The explorer of notebook 05: ``show(score, keep_fraction, trace)`` displays one CoT pruned by a score."""
+
+    encoded: list[Encoded]
+    scores: dict[str, list[torch.Tensor]]
+
+    def show(self, score: str, keep_fraction: float, trace: int = 0) -> None:
+        from IPython.display import HTML, display
+
+        e, s = self.encoded[trace], self.scores[score][trace]
+        keep = prune(e, s, keep_fraction)
+        display(HTML(render_html(e.trace, score_colours(s), f"{score}: keep {keep_fraction:.0%} of the CoT's tokens "
+                                 "(struck = removed)", keep)))

@@ -334,6 +334,38 @@ def completion(cot: str, answer: int) -> str:
 _EQ = re.compile(r"(-?\d+)\s*([-+*])\s*(\d+)\s*=\s*(-?\d+)")
 
 
+# --------------------------------------------------------------------------- segmentation
+
+SEGMENTERS = {
+    "paragraph": r"\n\s*\n",  # ASAP: steps are paragraphs separated by blank lines
+    "line": r"\n",
+    "sentence": r"(?<=[.!?])\s+",
+    "step": r"(?=\bStep \d+\s*[:.])",
+}
+
+
+def segment(text: str, how: str = "paragraph") -> list[tuple[int, int]]:
+    """Character spans of the steps of ``text``: consecutive, covering every character (separators go to the
+    step before them), so ``"".join(text[a:b] for a, b in spans) == text``. Raises on empty text or when
+    there are fewer than two steps."""
+    if how not in SEGMENTERS:
+        raise ValueError(f"Unknown segmentation {how!r}: choose one of {sorted(SEGMENTERS)}.")
+    if not text.strip():
+        raise ValueError("The trace is empty: there is nothing to segment or prune.")
+    cuts = [m.end() if how != "step" else m.start() for m in re.finditer(SEGMENTERS[how], text)]
+    bounds = sorted({0, len(text), *[c for c in cuts if 0 < c < len(text)]})
+    spans = [(a, b) for a, b in zip(bounds, bounds[1:]) if text[a:b].strip()]
+    # glue any whitespace-only pieces to their neighbours so the spans still cover the text
+    spans = [(spans[0][0] if i == 0 else a, spans[i + 1][0] if i + 1 < len(spans) else len(text))
+             for i, (a, b) in enumerate(spans)]
+    if spans:
+        spans[0] = (0, spans[0][1])
+    if len(spans) < 2:
+        raise ValueError(f"The trace has {len(spans)} step(s) by {how!r} segmentation: pruning needs at least two. "
+                         "Try another segmentation (line, sentence, step).")
+    return spans
+
+
 def chain_labels(trace: Trace, problem: Problem, spans: list[tuple[int, int]] | None = None) -> list[bool] | None:
     """Labels of any CoT of a generated ``problem`` (the reasoner's own included), derived from the problem's chain
     and never from a model: a step is *necessary* (False) when it is the first step that writes an equation of the
@@ -343,8 +375,6 @@ def chain_labels(trace: Trace, problem: Problem, spans: list[tuple[int, int]] | 
     if not problem.steps:
         raise ValueError("chain_labels needs a generated problem (make_problems), whose equations are known.")
     if spans is None:
-        from .cot import segment
-
         spans = segment(trace.cot, "paragraph")
     wanted: dict[tuple, list[int]] = {}  # an equation -> the chain positions it computes (a chain may repeat one)
     for i, s in enumerate(problem.steps):
