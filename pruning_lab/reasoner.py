@@ -238,21 +238,9 @@ def _frame(rng: random.Random, a: int, kind: str, k: int, pron: str, item: str) 
     detours, so the wording does not tell them apart."""
     eq, c = _equation(a, kind, k)
     v = _verb(kind, k, pron, item)
-    form = rng.randrange(7)
-    if form == 0:
-        s = f"{v}, so {eq}."
-    elif form == 1:
-        s = f"{eq}, so {pron} has {c} {item}."
-    elif form == 2:
-        s = f"if {v}, then {eq}."
-    elif form == 3:
-        s = f"{pron} had {a}, and {v}: {eq}."
-    elif form == 4:
-        s = f"{eq}."
-    elif form == 5:
-        s = f"so far {pron} has {a}. Then {v}, which gives {eq}."
-    else:
-        s = f"let me check: {eq}, because {v}."
+    forms = (f"{v}, so {eq}.", f"{eq}, so {pron} has {c} {item}.", f"if {v}, then {eq}.", f"{pron} had {a}, and {v}: {eq}.",
+             f"{eq}.", f"so far {pron} has {a}. Then {v}, which gives {eq}.", f"let me check: {eq}, because {v}.")
+    s = forms[rng.randrange(len(forms))]
     return s + rng.choice(("", "", "", " That seems right.", " Okay.", " Good."))
 
 
