@@ -8,7 +8,7 @@ re-checking values, trying detours, summing up), cached like the lottery levels.
 The API a notebook uses (chapter 4 reuses it)::
 
     from pruning_lab import reasoner as rs
-    model, tok = rs.load_reasoner(rs.CLASSROOM)          # from the repo's seed (trained once: 74 min on 2 cores, partly shared)
+    model, tok = rs.load_reasoner(rs.CLASSROOM)          # from the repo's seed (trained once: 44 min on 2 cores)
     problems = rs.make_problems(50, split="heldout")      # never seen in training (disjoint by construction)
     text = rs.prompt(tok, problems[0])                    # the chat prompt ("verbose" style)
     outs = rs.solve(model, tok, problems)                 # greedy CoTs, parsed answers, correctness, tokens
@@ -235,31 +235,62 @@ def _equation(a: int, kind: str, k: int) -> tuple[str, int]:
 
 def _frame(rng: random.Random, a: int, kind: str, k: int, pron: str, item: str) -> str:
     """One sentence around the equation ``a op k = c``: the same frames serve necessary steps, re-checks and
-    detours, so the wording does not tell them apart."""
+    detours, so the wording does not tell them apart (some frames borrow the restatements' words)."""
     eq, c = _equation(a, kind, k)
     v = _verb(kind, k, pron, item)
     forms = (f"{v}, so {eq}.", f"{eq}, so {pron} has {c} {item}.", f"if {v}, then {eq}.", f"{pron} had {a}, and {v}: {eq}.",
-             f"{eq}.", f"so far {pron} has {a}. Then {v}, which gives {eq}.", f"let me check: {eq}, because {v}.")
+             f"{eq}.", f"so far {pron} has {a}. Then {v}, which gives {eq}.", f"let me check: {eq}, because {v}.",
+             f"we want the number of {item} at the end. Right now {pron} has {a}, and {v}: {eq}.",
+             f"reading the question again, {v}. That is {eq}.")
     s = forms[rng.randrange(len(forms))]
     return s + rng.choice(("", "", "", " That seems right.", " Okay.", " Good."))
 
 
-def _ending(rng: random.Random, name: str, item: str, answer: int, eq: str) -> str:
+def _plan(problem: Problem, upto: int | None = None) -> str:
+    """The chain (or its first ``upto`` operations) as one expression, e.g. ``(21 - 6) * 2``: the numbers and the
+    operators, but no equation of the chain."""
+    expr = str(problem.values[0])
+    for j, (kind, k) in enumerate(problem.ops[:upto]):
+        expr = f"{'(' + expr + ')' if j else expr} {_SYMBOL[kind]} {k}"
+    return expr
+
+
+def _restatement(rng: random.Random, problem: Problem, pron: str, upto: int | None = None) -> str:
+    """A restatement of the question — whole (``upto`` None: ``(21 - 6) * 2 = ?``) or up to an operation
+    (``21 - 6 = 15``) — in the same sentences either way, with its numbers and operators."""
+    name, item, v0, plan = problem.name, problem.item, problem.values[0], _plan(problem, upto)
+    what = f"{plan} = ?" if upto is None else f"{plan} = {problem.values[upto]}"
+    n = len(problem.ops) if upto is None else upto
+    stop = "" if upto is None else "."
+    forms = (f"{name} starts with {v0} {item}, and then {n} thing{'s' * (n > 1)} happen{'s' * (n == 1)}: {what}{stop}",
+             f"we want the number of {item} {name} has at the end. At the start {pron} has {v0}, so {what}{stop}",
+             f"let me read this carefully. {name} has {v0} {item} at first, and that gives {what}{stop}",
+             f"so the question reads {what}, starting from {v0} {item}.")
+    return forms[rng.randrange(len(forms))]
+
+
+def _ending(rng: random.Random, problem: Problem, eq: str) -> str:
+    """The last computation in closing words (the same words close a CoT as its summary)."""
+    name, item, answer = problem.name, problem.item, problem.answer
     return rng.choice([f"so at the end {name} has {answer} {item}, because {eq}.",
-                       f"that means {eq}, and {name} has {answer} {item} at the end."])
+                       f"that means {eq}, and {name} has {answer} {item} at the end.",
+                       f"so the whole thing is {_plan(problem)} = {answer}, because {eq}."])
 
 
 def verbose_trace(problem: Problem, seed: int = 0, *, redundancy: float = 0.7) -> Trace:
-    """A verbose CoT for a generated ``problem``, as a large reasoning model writes one: an opening restatement;
-    for each operation, sometimes a detour first (the same step with another number, then a correction), the
-    computation, then (with probability ``redundancy``, up to twice) a re-check; a closing summary. Paragraphs are
+    """A verbose CoT for a generated ``problem``, as a large reasoning model writes one: an opening restatement of
+    the question (on its own, or as the start of the first computation); for each operation, sometimes a detour
+    first (the same step with another number, then a correction), the computation, then (with probability
+    ``redundancy``, up to twice) a re-check or a re-reading of the question so far; a closing summary. Paragraphs are
     separated by blank lines. Labels come from the chain (``chain_labels``): *necessary* = the first paragraph that
-    writes an equation of the chain; everything else is *redundant*. Every paragraph but the opening draws its
-    opener and its sentence frame from pools shared by both kinds."""
+    writes an equation of the chain; everything else is *redundant*. Every paragraph draws its opener from one pool
+    ("Step k:" included) and writes numbers and operators; computations, re-checks and detours share their sentence
+    frames, and restatements write the chain as one expression (``(21 - 6) * 2``), so the wording does not give the
+    labels away (``TRACE_VERSION`` 2; version 1's restatements wrote no operator)."""
     if not problem.ops:
         raise ValueError("verbose_trace needs a generated problem (make_problems), whose chain of values is known.")
     rng = random.Random(f"trace:{seed}:{problem.question}")
-    pron, item, name = _PRONOUN.get(problem.name, "they"), problem.item, problem.name
+    pron, item = _PRONOUN.get(problem.name, "they"), problem.item
     paras: list[str] = []
     kinds: list[str] = []
 
@@ -270,13 +301,20 @@ def verbose_trace(problem: Problem, seed: int = 0, *, redundancy: float = 0.7) -
         paras.append(_cap(opener) + (_cap(text) if opener.endswith((". ", ": ")) or not opener else text))
         kinds.append(kind)
 
-    v0 = problem.values[0]
-    openings = [f"{name} starts with {v0} {item}, and then {len(problem.ops)} things happen.",
-                f"we want the number of {item} {name} has at the end. At the start {pron} has {v0}.",
-                f"let me read this carefully. {name} has {v0} {item} at first."]
-    merged = rng.random() < 0.5  # the opening restatement on its own, or as the start of the first computation
-    if not merged:
-        add(rng.choice(openings), "restatement")
+    def frame(j: int, k: int, closing: bool = False) -> str:
+        """An equation paragraph of operation ``j`` (computation, re-check or detour alike): the frame, sometimes
+        in closing words (the last operation), sometimes opened by a re-reading of the question so far."""
+        (kind, _), a = problem.ops[j], problem.values[j]
+        if closing and rng.random() < 0.4:
+            text = _ending(rng, problem, _equation(a, kind, k)[0])
+        else:
+            text = _frame(rng, a, kind, k, pron, item)
+        if j > 0 and rng.random() < 0.25:  # opened by a re-reading of the question up to here
+            text = _restatement(rng, problem, pron, upto=j) + " " + _cap(text)
+        return text
+
+    opening = _restatement(rng, problem, pron)  # opens the first paragraph (a paragraph that only restated would
+    # write no equation: redundant by its wording alone)
     last = len(problem.ops) - 1
     for j, ((kind, k), a) in enumerate(zip(problem.ops, problem.values)):
         corrected = None
@@ -284,22 +322,19 @@ def verbose_trace(problem: Problem, seed: int = 0, *, redundancy: float = 0.7) -
             lo, hi = (2, 9) if kind == "buy" else (1, max(1, min(9, a - 1)))
             others = [x for x in range(lo, hi + 1) if x != k]
             if others:
-                add(_frame(rng, a, kind, rng.choice(others), pron, item), "detour")
+                add(opening + " " + _cap(frame(j, rng.choice(others))) if opening else frame(j, rng.choice(others)), "detour")
+                opening = ""
                 corrected = rng.choice(_CORRECTIONS) if rng.random() < 0.3 else None
-        text = _frame(rng, a, kind, k, pron, item)
-        if j == 0 and merged:
-            text = rng.choice(openings) + " " + _cap(text)
-        elif j == last and rng.random() < 0.5:
-            text = _ending(rng, name, item, problem.answer, _equation(a, kind, k)[0])
-        add(text, "computation", corrected)
+        add(opening + " " + _cap(frame(j, k, closing=j == last)) if opening else frame(j, k, closing=j == last),
+            "computation", corrected)
+        opening = ""
         for _ in range(2):
             if rng.random() >= redundancy:
                 break
-            add(_frame(rng, a, kind, k, pron, item), "check")
-    (kind, k), a = problem.ops[-1], problem.values[-2]
-    add(_ending(rng, name, item, problem.answer, _equation(a, kind, k)[0]) if rng.random() < 0.5
-        else _frame(rng, a, kind, k, pron, item), "summary")
-    trace = Trace(problem.question, "\n\n".join(paras), problem.answer, None, kinds)
+            add(frame(j, k, closing=j == last), "check")
+    if rng.random() < 0.5:  # a closing summary (or the CoT ends on its last computation or re-check)
+        add(frame(last, problem.ops[-1][1], closing=True), "summary")
+    trace = Trace(problem.question, "\n\n".join(p.rstrip() for p in paras), problem.answer, None, kinds)
     # the labels are the chain's, as for any CoT: the first paragraph that writes each equation of the chain
     trace.redundant = chain_labels(trace, problem)
     return trace
@@ -628,7 +663,7 @@ def _resume(path: Path, params: dict, opt: torch.optim.Optimizer) -> tuple[int, 
 
 # --------------------------------------------------------------------------- cached runs (open_lth style)
 
-TRACE_VERSION = 1  # part of every hash: a change to the trace writer or the prompts retrains
+TRACE_VERSION = 2  # part of every hash: a change to the trace writer or the prompts retrains
 
 
 def digest(obj) -> str:
@@ -997,9 +1032,11 @@ class ReasonerRun(CachedRun):
                 for i, p in enumerate(probs)]
 
 
-# The classroom reasoner: 2-3 operations, redundant steps after 40% of the computations, 240 LoRA steps of 8 traces.
-# Earlier candidates below the issue's 40% floor on 60 held-out problems with a CoT: 020b9f3b (3-4 operations, 80
-# steps) 8/60; 489df6c8 (this family, 120 steps) 20/60 (2 operations 15/40, 3 operations 5/20).
+# The classroom reasoner: 2-3 operations, re-checks after 40% of the computations, 240 LoRA steps of 8 traces; on
+# trace writer version 2 it solves 25/60 held-out problems with a CoT (2 operations 21/40, 3 operations 4/20).
+# The same hyperparameters on version 1 (51435c14) solved 34/60, but its CoTs gave their labels away (see
+# verbose_trace). Earlier candidates below the issue's 40% floor: 020b9f3b (3-4 operations, 80 steps) 8/60;
+# 489df6c8 (version 1, 120 steps) 20/60.
 CLASSROOM = ReasonerHparams(family=Family(steps=(2, 3)), redundancy=0.4, lora=LoraHparams(steps=240))
 SMOKE = ReasonerHparams(family=CLASSROOM.family, redundancy=CLASSROOM.redundancy,
                         lora=LoraHparams(steps=2, batch_size=2, warmup=1))
@@ -1008,7 +1045,7 @@ SMOKE = ReasonerHparams(family=CLASSROOM.family, redundancy=CLASSROOM.redundancy
 def load_reasoner(hp: ReasonerHparams = CLASSROOM, *, root: str | Path | None = None, train: bool = True,
                   progress: bool = True) -> tuple[nn.Module, object]:
     """``(model, tokenizer)`` of the reasoner of ``hp``: loaded from the cache, or trained first (``CLASSROOM``:
-    74 min on 2 cores, partly shared with other work; copied from the repository's seed in assets/ when there is one) and cached. The model
+    44 min on 2 cores, 7-12 s per step; copied from the repository's seed in assets/ when there is one) and cached. The model
     is an ordinary ``LlamaForCausalLM`` in eval mode."""
     return ReasonerRun(hp, root, progress=progress).load(train=train)
 
