@@ -503,8 +503,10 @@ def prune(enc: Encoded, scores: torch.Tensor, keep_fraction: float | None = None
           threshold: float | None = None, rule: str = "remove") -> list[int]:
     """Indices of the steps to keep. The budget is ``keep_fraction`` of the CoT's tokens or ``max_tokens`` tokens;
     ``rule="remove"`` (ASAP's): steps scoring −inf go whatever the budget, then the lowest-scoring step is removed,
-    one at a time (ties: the earlier first), until the rest fits; ``rule="fit"``: the highest-scoring steps that fit,
-    skipping one that would overflow. Or ``threshold``: every step scoring at least that. Question and answer are
+    one at a time (ties: the earlier first), until the rest fits; ``rule="closest"``: the same order, but the last
+    removal happens only when it lands nearer the budget than keeping the step (a control pruned to the *same* token
+    count as another method, not at most it); ``rule="fit"``: the highest-scoring steps that fit, skipping one that
+    would overflow. Or ``threshold``: every step scoring at least that. Question and answer are
     never part of the CoT, so they always stay."""
     if len(scores) != len(enc.steps):
         raise ValueError(f"{len(scores)} scores for {len(enc.steps)} steps: give one score per step.")
@@ -521,18 +523,20 @@ def prune(enc: Encoded, scores: torch.Tensor, keep_fraction: float | None = None
         if not isinstance(max_tokens, int) or max_tokens < 0:
             raise ValueError(f"max_tokens={max_tokens!r} must be an integer >= 0.")
         limit = max_tokens
-    if rule == "remove":
+    if rule in ("remove", "closest"):
         kept = [i for i in range(len(sizes)) if float(scores[i]) > -math.inf]
         used = sum(sizes[i] for i in kept)
         for i in torch.argsort(scores, stable=True).tolist():
             if used <= limit + 1e-9:
                 break
             if i in kept:
+                if rule == "closest" and used - sizes[i] < limit and limit - (used - sizes[i]) >= used - limit:
+                    break  # keeping this step leaves the CoT nearer the budget than removing it
                 kept.remove(i)
                 used -= sizes[i]
         return sorted(kept)
     if rule != "fit":
-        raise ValueError(f"rule={rule!r}: choose 'remove' (ASAP's) or 'fit'.")
+        raise ValueError(f"rule={rule!r}: choose 'remove' (ASAP's), 'closest' or 'fit'.")
     kept, used = [], 0
     for i in torch.argsort(scores, descending=True, stable=True).tolist():
         if float(scores[i]) > -math.inf and used + sizes[i] <= limit + 1e-9:

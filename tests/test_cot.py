@@ -291,6 +291,20 @@ def test_prune_remove_rule_is_asaps_stopping_rule(tok):
     assert cot.prune(enc, scores, threshold=3.0) == [0, 2, 4]
 
 
+def test_prune_closest_rule_lands_nearest_the_budget(tok):
+    _, t = _hand_trace()
+    enc = cot.encode(tok, t)
+    sizes = cot.step_tokens(enc)
+    scores = torch.tensor([5.0, 0.0, 3.0, 1.0, 4.0, 2.0])  # removal order: 1, 3, 5, 2, 4, 0
+    after1, after2 = sum(sizes) - sizes[1], sum(sizes) - sizes[1] - sizes[3]
+    # one token under "after step 1 goes": "remove" must go on (it allows at most the budget), "closest" stops there
+    # when that is nearer than removing step 3 too, and removes it when that is nearer
+    assert cot.prune(enc, scores, max_tokens=after1 - 1) == [0, 2, 3, 4, 5][0:1] + [2, 4, 5]
+    assert cot.prune(enc, scores, max_tokens=after1 - 1, rule="closest") == [0, 2, 3, 4, 5]
+    assert cot.prune(enc, scores, max_tokens=after2 + 1, rule="closest") == [0, 2, 4, 5]
+    assert cot.prune(enc, scores, max_tokens=after1, rule="closest") == cot.prune(enc, scores, max_tokens=after1)
+
+
 @pytest.mark.parametrize("share", [0, 1.5, -0.1, "0.5", True])
 def test_a_target_share_outside_0_1_is_refused_naming_the_parameter(tok, share):
     _, t = _hand_trace()
@@ -511,15 +525,30 @@ def test_readme_chapter_5_quotes_the_committed_run():
     readme = (root / "README.md").read_text()
     text = readme[readme.index("### 05 · Chain-of-thought pruning"):readme.index("## Rerunning a notebook")]
     text = " ".join(text.split())
-    g, d, pa, rz = r["grading"], r["distill"], r["parallel"], r["reasoner"]
+    g, ga, d, pa, rz = r["grading"], r["grading_after_opening"], r["distill"], r["parallel"], r["reasoner"]
     assert f"solves **{rz['cot_accuracy']:.0%}** with a CoT" in text
     assert f"solves {r['base']['cot_accuracy']:.0%} of {rz['n']} held-out" in text
+    assert f"({r['own_cots']['correct']} correct, {r['own_cots']['labelled']} labelled" in text
     assert f"redundancy AUC of {g['auc']['bag_of_words_cv']:.2f}" in text
-    assert f"mean surprisal {g['auc']['mean_surprisal']:.2f}" in text and f"{g['auc']['asap']:.2f} and first-token" in text
-    for name, label in (("unpruned", "unpruned"), ("asap", "40% kept) "), ("random", "random steps"), ("mean_surprisal", "mean surprisal")):
+    after = ga["auc"]
+    assert (f"(bag of words {after['bag_of_words_cv']:.2f}, \"writes an operator\" {after['writes_an_operator']:.2f}, "
+            f"position {after['position']:.2f}, random {after['random']:.2f})") in text
+    v = ga["vs_random"]["answer_gain"]
+    assert v["verdict"] == "A better" and f"only answer gain beats random ({after['answer_gain']:.2f}" in text
+    assert f"p = {v['p_value']:.2g})" in text
+    assert all(ga["vs_random"][n]["verdict"] == "within noise" for n in ("asap", "first_token_surprisal", "mean_surprisal"))
+    assert (f"coarse-pruned CoT) {after['asap']:.2f}, first-token surprisal {after['first_token_surprisal']:.2f} and "
+            f"mean surprisal {after['mean_surprisal']:.2f} are within noise of random") in text
+    for name in ("unpruned", "asap", "random", d["rival"]):
         assert f"{d['accuracy'][name]:.0%} at {d['mean_cot_tokens'][name]:.0f}" in text, name
-    t = d["tests"]["random vs unpruned"]["accuracy"]
-    assert t["verdict"] == "B better" and f"p = {t['p_value']:.2g}" in text
-    assert all(d["tests"][k]["accuracy"]["verdict"] == "within noise"
-               for k in ("asap vs unpruned", "asap vs random", f"asap vs {d['rival']}"))
+    assert d["rival"] == "answer_gain" and f"({d['token_share']['asap']:.0%} kept" in text
+    for k in ("asap vs random", "asap vs answer_gain"):
+        assert d["tests"][k]["accuracy"]["verdict"] == "A better"
+    assert (f"p = {d['tests']['asap vs random']['accuracy']['p_value']:.2g} and "
+            f"{d['tests']['asap vs answer_gain']['accuracy']['p_value']:.2g}") in text
+    assert d["tests"]["asap vs unpruned"]["accuracy"]["verdict"] == "B better"
     assert f"{1 - pa['early']['tokens'] / pa['vote'][str(pa['n'])]['tokens']:.0%} fewer tokens" in text
+    assert f"reaches {pa['early']['accuracy']:.0%} vs {pa['vote'][str(pa['n'])]['accuracy']:.0%}" in text
+    assert f"p = {pa['early_vs_all']['p_value']:.2g}" in text and pa["early_vs_all"]["verdict"] == "B better"
+    assert f"stopping after {pa['k_equal_spend']} traces" in text
+    assert f"{pa['early_wrong']['intermediate_value']} of the {pa['early_wrong']['problems']} problems" in text
