@@ -142,10 +142,12 @@ def main() -> int:
     long = [cot.encode(tok, rs.verbose_trace(p, seed=i)) for i, p in enumerate(problems)]
     runs = {"short": measure_scoring(base, short, args.rounds), "long": measure_scoring(base, long, args.rounds)}
     reasoner, _ = rs.load_reasoner(rs.CLASSROOM)
-    own_p = rs.make_problems(2 * args.traces, seed=1)
-    own = [o for o in rs.solve(reasoner, tok, own_p, max_new_tokens=448, batch_size=25) if o["correct"]]
-    own_enc = [cot.encode(tok, rs.Trace(p.question, rs.split_cot(o["text"]), p.answer)) for p, o in zip(own_p, own)]
-    own_enc = [e for e in own_enc if len(e.steps) >= 6][:args.traces]
+    # the reasoner's own CoTs as chapter 5 makes them (its family, sampled at 0.6), correct ones of >= 6 steps
+    own_p = rs.make_problems(4 * args.traces, seed=1, family=rs.CLASSROOM.family)
+    sols = rs.solve(reasoner, tok, own_p, max_new_tokens=448, batch_size=25, temperature=0.6, progress=True)
+    own_enc = [cot.encode(tok, rs.Trace(p.question, rs.split_cot(o["text"]), p.answer))
+               for p, o in zip(own_p, sols) if o["correct"] and rs.split_cot(o["text"]).count("\n\n") >= 5]
+    own_enc = own_enc[:args.traces]
     runs["own"] = measure_scoring(reasoner.float(), own_enc, args.rounds)
     reasoner = reasoner.to(torch.bfloat16)
     pairs = rs.training_examples(rs.CLASSROOM, tok, 8, seed=99)
