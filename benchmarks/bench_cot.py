@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from dataclasses import replace
 
 import torch
 
@@ -142,12 +143,15 @@ def main() -> int:
     long = [cot.encode(tok, rs.verbose_trace(p, seed=i)) for i, p in enumerate(problems)]
     runs = {"short": measure_scoring(base, short, args.rounds), "long": measure_scoring(base, long, args.rounds)}
     reasoner, _ = rs.load_reasoner(rs.CLASSROOM)
-    # the reasoner's own CoTs as chapter 5 makes them (its family, sampled at 0.6), correct ones of >= 6 steps
-    own_p = rs.make_problems(4 * args.traces, seed=1, family=rs.CLASSROOM.family)
+    # the reasoner's own CoTs as chapter 5 samples them (temperature 0.6), on 3-operation problems of its family so
+    # that enough have >= 6 steps (right or wrong: the scorer's speed does not depend on the answer)
+    own_p = rs.make_problems(4 * args.traces, seed=1, family=replace(rs.CLASSROOM.family, steps=(3, 3)))
     sols = rs.solve(reasoner, tok, own_p, max_new_tokens=448, batch_size=25, temperature=0.6, progress=True)
     own_enc = [cot.encode(tok, rs.Trace(p.question, rs.split_cot(o["text"]), p.answer))
-               for p, o in zip(own_p, sols) if o["correct"] and rs.split_cot(o["text"]).count("\n\n") >= 5]
+               for p, o in zip(own_p, sols) if rs.split_cot(o["text"]).count("\n\n") >= 5]
     own_enc = own_enc[:args.traces]
+    if len(own_enc) < 2:
+        raise SystemExit(f"only {len(own_enc)} of the reasoner's {len(own_p)} CoTs have >= 6 steps: raise --traces.")
     runs["own"] = measure_scoring(reasoner.float(), own_enc, args.rounds)
     reasoner = reasoner.to(torch.bfloat16)
     pairs = rs.training_examples(rs.CLASSROOM, tok, 8, seed=99)
