@@ -15,7 +15,12 @@ One file per concept:
 - ``structured`` heads, MLP channels and layers sliced out of a Llama-style LLM (chapter 03).
 - ``needle``    a retrieval task on real text: a made-up fact at a chosen depth of a long passage (chapter 04).
 - ``kv_eviction`` StreamingLLM, H2O, TOVA, SnapKV, LazyEviction over one evicting KV cache (chapter 04).
-- ``cot``       chain-of-thought step scores (ASAP's first-token surprisal and rivals), pruning, LoRA, parallel traces (chapter 05).
+- ``reasoner``  chapter 05's problems, trace writer, LoRA fine-tuning and the cached, seeded reasoner runs.
+- ``cot``       chain-of-thought step scores (ASAP's first-token surprisal and rivals), pruning, students, parallel traces (chapter 05).
+- ``stats``     the paired tests (Student t, exact McNemar), mean and std, and the one place a verdict becomes words.
+- ``structured_results``, ``explore``, ``book``  chapter 03's recorded comparisons, notebook widgets, the web edition.
+
+``default_device()`` below is the one device rule (CUDA when present): every module that picks a device asks it.
 """
 
 from __future__ import annotations

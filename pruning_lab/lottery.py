@@ -45,6 +45,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import default_device
 from ._io import atomic_path, read_json, write_json
 from .data import ImageData, cache_dir, load_image_data
 from .eval import evaluate
@@ -286,7 +287,7 @@ class LotteryRun:
         self.hp = hp
         self.dir = Path(run_dir) if run_dir is not None else Path(root or cache_dir("lottery")) / hp.hash
         self.progress = progress
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device) if device else default_device()
         if data is not None and getattr(data, "x_val", None) is None:
             raise ValueError("data has no validation split (x_val): the early-stop iteration needs one. Load it with "
                              "load_image_data(..., val_size=5000) or set x_val/y_val carved from the training set.")

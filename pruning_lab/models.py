@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import default_device
 from ._io import file_sha256, honour_umask, read_json, write_json
 from .data import cache_dir
 
@@ -238,7 +239,7 @@ def load_llm(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtyp
     models larger than one device.
     """
     if device is None and device_map is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = default_device()
     if dtype is None:
         dtype = torch.float32 if (device_map is None and str(device) == "cpu") else torch.bfloat16
     kwargs: dict = {"dtype": dtype}

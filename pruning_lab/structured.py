@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import default_device
 from ._io import read_json, write_json
 from .eval import count_parameters, next_token_loss, perplexity
 from .magnitude import Masks
@@ -1151,7 +1152,7 @@ def load_pruned(folder, *, device: str | torch.device | None = None, dtype: torc
     structure = read_json(folder / STRUCTURE_FILE)
     config = AutoConfig.from_pretrained(folder)
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = default_device()
     if dtype is None:  # the dtype the weights were saved in
         dtype = getattr(torch, structure.get("dtype", "float32"))
     with torch.device(device):  # build on the target device at once: no second copy of a large model

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import params as _params
+from . import default_device, params as _params
 from ._io import atomic_path, honour_umask, plain, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ class Recorder:
             "notebook": stem,
             "params": plain(params or {}),
             "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                            "device": "cuda" if torch.cuda.is_available() else "cpu",
+                            "device": default_device().type,
                             "threads": torch.get_num_threads()},
         }
         write_json(self.path, self.data)  # fail now, not after an hour, if the folder is not writable
@@ -86,7 +86,7 @@ def record_benchmark(name: str, figures: dict, *, folder: str | os.PathLike | No
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "python": platform.python_version(), "torch": torch.__version__,
-                    "device": "cuda" if torch.cuda.is_available() else "cpu"},
+                    "device": default_device().type},
         "figures": figures,
     }
     return write_json(path / f"{name}.json", payload)
@@ -351,7 +351,7 @@ def check_setup(load_model: bool = True) -> dict:
     from .eval import count_parameters
 
     report: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                              "device": "cuda" if torch.cuda.is_available() else "cpu",
+                              "device": default_device().type,
                               "threads": torch.get_num_threads()}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
