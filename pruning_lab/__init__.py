@@ -10,7 +10,8 @@ One file per concept:
 - ``params``    parameter values (one rule for -p and YAML) and the ranges each notebook declares, checked before a run.
 - ``sweep``     many papermill runs of one notebook on Dask, each run identified by its content.
 - ``__main__``  the command line, ``python -m pruning_lab ...`` (on top: nothing imports it).
-- ``magnitude`` the mask vocabulary; global / layer-wise / ERK magnitude pruning (chapter 01).
+- ``masks``     the one mask vocabulary (name -> bool tensor, True = kept): select, apply, keep, mask for a block.
+- ``magnitude`` global / layer-wise / ERK / gradual magnitude pruning (chapter 01).
 - ``lottery``   iterative magnitude pruning with rewinding, resumable runs (chapter 02).
 - ``structured`` heads, MLP channels and layers sliced out of a Llama-style LLM (chapter 03).
 - ``needle``    a retrieval task on real text: a made-up fact at a chosen depth of a long passage (chapter 04).

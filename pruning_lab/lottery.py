@@ -49,8 +49,8 @@ from . import default_device
 from ._io import atomic_path, read_json, write_json
 from .data import ImageData, cache_dir, load_image_data
 from .eval import evaluate
-from .magnitude import (Masks, apply_masks, global_magnitude_masks, keep_masked, masks_from_densities,
-                        prunable_parameters, prune_remaining, random_masks)
+from .magnitude import global_magnitude_masks, masks_from_densities, prune_remaining
+from .masks import Masks, apply_masks, keep_masked, prunable_parameters, random_masks
 from .models import make_model
 from .stats import paired
 from .train import TrainConfig, train

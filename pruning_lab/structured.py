@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from . import default_device
 from ._io import read_json, write_json
 from .eval import count_parameters, next_token_loss, perplexity
-from .magnitude import Masks
+from .masks import Masks, masked  # noqa: F401 (masked re-exported: structured.masked)
 
 STRUCTURES = ("heads+mlp", "mlp", "heads")
 ALLOCATIONS = ("uniform", "adaptive")
@@ -909,25 +909,6 @@ def plan_masks(model: nn.Module, plan: StructuredPlan) -> Masks:
 
 
 # --------------------------------------------------------------------------- looking at what a plan removes
-
-
-@contextmanager
-def masked(model: nn.Module, masks: Masks) -> Iterator[nn.Module]:
-    """Zero the masked weights of ``model`` in place for the ``with`` block, restoring them in
-    ``finally`` (only the masked tensors are copied): a plan's effect without a pruned copy."""
-    from .magnitude import _check_masks
-
-    params = _check_masks(model, masks)
-    saved = {n: p.detach().clone() for n, p in params.items()}
-    try:
-        with torch.no_grad():
-            for n, p in params.items():
-                p.mul_(masks[n].to(p.device, p.dtype))
-        yield model
-    finally:
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(saved[n])
 
 
 def removed_activation_share(model: nn.Module, plan: StructuredPlan, calibration: Calibration) -> list[dict]:
