@@ -313,8 +313,13 @@ def verbose_trace(problem: Problem, seed: int = 0, *, redundancy: float = 0.7) -
             text = _restatement(rng, problem, pron, upto=j) + " " + _cap(text)
         return text
 
-    opening = _restatement(rng, problem, pron)  # opens the first paragraph (a paragraph that only restated would
-    # write no equation: redundant by its wording alone)
+    opening = [_restatement(rng, problem, pron)]  # opens the first paragraph: a paragraph that only restated would
+    # write no equation, redundant by its wording alone
+
+    def opened(text: str) -> str:
+        """``text``, opened by the question's restatement when it is the first paragraph."""
+        return opening.pop() + " " + _cap(text) if opening else text
+
     last = len(problem.ops) - 1
     for j, ((kind, k), a) in enumerate(zip(problem.ops, problem.values)):
         corrected = None
@@ -322,12 +327,9 @@ def verbose_trace(problem: Problem, seed: int = 0, *, redundancy: float = 0.7) -
             lo, hi = (2, 9) if kind == "buy" else (1, max(1, min(9, a - 1)))
             others = [x for x in range(lo, hi + 1) if x != k]
             if others:
-                add(opening + " " + _cap(frame(j, rng.choice(others))) if opening else frame(j, rng.choice(others)), "detour")
-                opening = ""
+                add(opened(frame(j, rng.choice(others))), "detour")
                 corrected = rng.choice(_CORRECTIONS) if rng.random() < 0.3 else None
-        add(opening + " " + _cap(frame(j, k, closing=j == last)) if opening else frame(j, k, closing=j == last),
-            "computation", corrected)
-        opening = ""
+        add(opened(frame(j, k, closing=j == last)), "computation", corrected)
         for _ in range(2):
             if rng.random() >= redundancy:
                 break
