@@ -13,7 +13,9 @@ One file per concept:
 - ``masks``     the one mask vocabulary (name -> bool tensor, True = kept): select, apply, keep, mask for a block.
 - ``magnitude`` global / layer-wise / ERK / gradual magnitude pruning (chapter 01).
 - ``lottery``   iterative magnitude pruning with rewinding, resumable runs (chapter 02).
-- ``structured`` heads, MLP channels and layers sliced out of a Llama-style LLM (chapter 03).
+- ``llama``     the Llama decoder layout: read it, slice a projection, resize a layer, save/reload uneven widths.
+- ``lora``      LoRA adapters added and merged (chapter 03's recovery, chapter 05's reasoner and students).
+- ``structured`` which heads, MLP channels and layers go (calibration, metrics, plans), and the sliced copy (chapter 03).
 - ``needle``    a retrieval task on real text: a made-up fact at a chosen depth of a long passage (chapter 04).
 - ``kv_eviction`` StreamingLLM, H2O, TOVA, SnapKV, LazyEviction over one evicting KV cache (chapter 04).
 - ``reasoner``  chapter 05's problems, trace writer, LoRA fine-tuning and the cached, seeded reasoner runs.

@@ -51,6 +51,8 @@ from torch import nn
 
 from ._io import atomic_path, read_json, write_json
 from .data import cache_dir, left_padded
+from .lora import LLAMA_PROJECTIONS, add_adapters, merge_adapters
+from .models import embedded_model_folder, load_llm
 
 ANSWER_PREFIX = "The answer is"
 INSTRUCTIONS = {
@@ -418,7 +420,7 @@ def chain_labels(trace: Trace, problem: Problem, spans: list[tuple[int, int]] | 
 
 # --------------------------------------------------------------------------- supervised LoRA (one helper)
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = LLAMA_PROJECTIONS  # every projection of a decoder layer
 
 
 @dataclass(frozen=True)
@@ -523,14 +525,8 @@ def _wrap(model: nn.Module, hp: LoraHparams) -> nn.Module:
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    from peft import LoraConfig, get_peft_model
-
     model.to(torch.bfloat16 if hp.bf16 else torch.float32)
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # transformers 5 asks peft
-        torch.manual_seed(hp.seed)
-        return get_peft_model(model, LoraConfig(r=hp.rank, lora_alpha=hp.alpha, lora_dropout=0.0, bias="none",
-                                                target_modules=list(hp.targets)))
+    return add_adapters(model, rank=hp.rank, alpha=hp.alpha, targets=hp.targets, seed=hp.seed)
 
 
 def _trainable(wrapped: nn.Module) -> dict[str, nn.Parameter]:
@@ -538,7 +534,7 @@ def _trainable(wrapped: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def _unwrap(wrapped: nn.Module, hp: LoraHparams) -> nn.Module:
-    model = wrapped if hp.rank == 0 else wrapped.merge_and_unload()
+    model = wrapped if hp.rank == 0 else merge_adapters(wrapped)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
@@ -954,16 +950,12 @@ class ReasonerHparams:
 
 
 def _load_base(base: str) -> tuple[nn.Module, object]:
-    from .models import load_llm
-
     return load_llm(None if base == "embedded" else base)
 
 
 def load_tokenizer(base: str = "embedded"):
     """The tokenizer alone (no model weights): what encoding and counting tokens need."""
     from transformers import AutoTokenizer
-
-    from .models import embedded_model_folder
 
     tok = AutoTokenizer.from_pretrained(embedded_model_folder() if base == "embedded" else base)
     if tok.pad_token is None:

@@ -24,6 +24,9 @@ The pipeline, each step a small piece::
     small = prune_model(model, plan, calibration=cal, bias_compensation=True)   # a sliced copy
     save_pruned(small, "folder"); again = load_pruned("folder")                 # safetensors + JSON
 
+This module decides *what* goes (calibration, metrics, plans, masks, the sliced copy); reading the Llama
+layout, slicing a Linear, resizing a layer and saving/reloading a model of uneven widths live in ``llama``.
+
 ``ratio`` is always the fraction of the model's *total* parameters (embeddings included, tied
 weights once) to remove, taken from attention and MLP only; LLM-Pruner and FLAP count it that way.
 ``layers`` limits pruning to a range of decoder layers (the others stay whole); each metric defaults
@@ -40,84 +43,23 @@ import copy
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import default_device
-from ._io import read_json, write_json
 from .eval import count_parameters, next_token_loss, perplexity
+from .llama import LayerShape, decoder_layers, layer_shape, set_layer_sizes, sliced_linear, update_config
+from .llama import load_pruned, save_pruned, structure_of  # noqa: F401 (re-exported: notebook 03 uses st.<name>)
+from .lora import LLAMA_PROJECTIONS, add_adapters, merge_adapters
 from .masks import Masks, masked  # noqa: F401 (masked re-exported: structured.masked)
 
 STRUCTURES = ("heads+mlp", "mlp", "heads")
 ALLOCATIONS = ("uniform", "adaptive")
 HEAD_MODES = ("query", "group")
 STANDARDIZE = ("units", "channels")
-STRUCTURE_FILE = "pruning_lab_structure.json"
-WEIGHTS_FILE = "model.safetensors"
-
-
-# --------------------------------------------------------------------------- the architecture
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """``model.model.layers`` of a Llama/Mistral/Qwen2-style causal LM, checked; else a clear error."""
-    base = getattr(model, "model", None)
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise ValueError(f"{type(model).__name__} is not a supported causal LM: structured pruning needs "
-                         "model.model.layers (a ModuleList of decoder layers), as in Llama, Mistral or Qwen2.")
-    need = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-    for i, layer in enumerate(layers):
-        missing = [n for n in need if not isinstance(layer.get_submodule(n) if _has(layer, n) else None, nn.Linear)]
-        attn = getattr(layer, "self_attn", None)
-        for a in ("head_dim", "num_key_value_groups"):
-            if attn is not None and not hasattr(attn, a):
-                missing.append(f"self_attn.{a}")
-        if missing:
-            raise ValueError(f"{type(model).__name__} layer {i} lacks {', '.join(missing)} (nn.Linear projections "
-                             "and GQA attributes of a Llama-style layer): this attention layout is not supported.")
-        hd = attn.head_dim
-        if attn.q_proj.out_features % hd or attn.k_proj.out_features % hd or \
-                (attn.q_proj.out_features // hd) % (attn.k_proj.out_features // hd):
-            raise ValueError(f"Layer {i}: q_proj/k_proj sizes {attn.q_proj.out_features}/{attn.k_proj.out_features} "
-                             f"are not whole heads of head_dim {hd} in equal GQA groups: layout not supported.")
-    return layers
-
-
-def _has(module: nn.Module, name: str) -> bool:
-    try:
-        module.get_submodule(name)
-        return True
-    except AttributeError:
-        return False
-
-
-@dataclass(frozen=True)
-class LayerShape:
-    """Sizes of one decoder layer."""
-
-    heads: int
-    kv_heads: int
-    head_dim: int
-    channels: int
-    hidden: int
-
-    @property
-    def n_rep(self) -> int:
-        return self.heads // self.kv_heads
-
-
-def layer_shape(layer: nn.Module) -> LayerShape:
-    a, m = layer.self_attn, layer.mlp
-    hd = a.head_dim
-    return LayerShape(a.q_proj.out_features // hd, a.k_proj.out_features // hd, hd, m.gate_proj.out_features,
-                      a.o_proj.out_features)
 
 
 # --------------------------------------------------------------------------- calibration statistics
@@ -671,16 +613,23 @@ def score_units(blocks: nn.ModuleList, units: list[LayerUnits], calibration: Cal
     return units
 
 
+class Removal(NamedTuple):
+    """What an allocation takes from one layer: head units and MLP channels, least important first."""
+
+    head_units: int
+    channels: int
+
+
 def _clipped(scores: torch.Tensor, q: float) -> torch.Tensor:
     """Scores clipped at their ``q``-quantile (``q`` = 1: unchanged): ranks below it stay, but a few outliers no
     longer set the mean and standard deviation a z-score is taken with."""
     return scores if q >= 1.0 else scores.clamp(max=float(torch.quantile(scores.double(), q)))
 
 
-def allocate_uniform(units: list[LayerUnits], req: PlanRequest) -> dict[int, tuple[int, int]]:
+def allocate_uniform(units: list[LayerUnits], req: PlanRequest) -> dict[int, Removal]:
     """LLM-Pruner's block-wise allocation: every layer of the range loses the same share — head units
     rounded, the rest of the budget taken from MLP channels equally. Needs no scores. Returns
-    ``{layer: (head units removed, channels removed)}``."""
+    ``{layer: Removal(head units, channels)}``."""
     head_total = sum(u.n_head_units * u.head_cost for u in units) if req.heads else 0
     mlp_total = sum(u.shape.channels * u.channel_cost for u in units) if req.mlp else 0
     if req.budget > head_total + mlp_total:
@@ -701,7 +650,7 @@ def allocate_uniform(units: list[LayerUnits], req: PlanRequest) -> dict[int, tup
                                  f"{_kept_at_least(n, req.min_keep)}: lower the ratio, widen the layer range, prune "
                                  "the MLP too, or use allocation='adaptive'.")
             left -= k * u.head_cost
-        out[u.layer] = (k, 0)
+        out[u.layer] = Removal(k, 0)
     if req.mlp:
         per_layer = max(left, 0) / len(units)
         for u in units:
@@ -710,11 +659,11 @@ def allocate_uniform(units: list[LayerUnits], req: PlanRequest) -> dict[int, tup
                 raise ValueError(f"ratio={req.ratio} would remove {k} of the {n} MLP channels of layer {u.layer} "
                                  f"({req.where()}), keeping fewer than min_keep={req.min_keep}: lower the ratio or "
                                  "widen the layer range.")
-            out[u.layer] = (out[u.layer][0], k)
+            out[u.layer] = out[u.layer]._replace(channels=k)
     return out
 
 
-def allocate_adaptive(units: list[LayerUnits], req: PlanRequest) -> dict[int, tuple[int, int]]:
+def allocate_adaptive(units: list[LayerUnits], req: PlanRequest) -> dict[int, Removal]:
     """FLAP's adaptive allocation: each layer's unit scores are standardised within the layer and module
     (z = (s − mean) / std; already z with ``standardize="channels"``), pooled over the range, and the
     lowest go — each costing its parameters — until the budget is spent (overshoot < one unit). The
@@ -741,13 +690,14 @@ def allocate_adaptive(units: list[LayerUnits], req: PlanRequest) -> dict[int, tu
             owner += [(u.layer, kind)] * removable
     z, cost = torch.cat(z), torch.cat(cost)
     order = z.argsort(stable=True)
-    n_take = int(torch.searchsorted(cost[order].cumsum(0), torch.tensor(req.budget, dtype=torch.float64))) + 1 \
-        if req.budget > 0 else 0
+    n_take = 0
+    if req.budget > 0:
+        n_take = int(torch.searchsorted(cost[order].cumsum(0), torch.tensor(req.budget, dtype=torch.float64))) + 1
     out = {u.layer: [0, 0] for u in units}
     for j in order[:n_take].tolist():
         layer, kind = owner[j]
         out[layer][kind == "mlp"] += 1
-    return {k: tuple(v) for k, v in out.items()}
+    return {k: Removal(*v) for k, v in out.items()}
 
 
 def plan_structured(model: nn.Module, calibration: Calibration | None, ratio: float, metric="flap", *,
@@ -960,20 +910,6 @@ def one_layer_at_a_time(model: nn.Module, plan: StructuredPlan, ids: torch.Tenso
 # --------------------------------------------------------------------------- physical shrinking
 
 
-def _sliced(lin: nn.Linear, idx: torch.Tensor, axis: int) -> nn.Linear:
-    """A new Linear holding only rows (axis 0) or columns (axis 1) ``idx`` of ``lin``."""
-    w = lin.weight.detach()
-    idx = idx.to(w.device)
-    out_f, in_f = (len(idx), lin.in_features) if axis == 0 else (lin.out_features, len(idx))
-    new = nn.Linear(in_f, out_f, bias=lin.bias is not None, device="meta")
-    new.weight = nn.Parameter(w.index_select(axis, idx).contiguous(), requires_grad=lin.weight.requires_grad)
-    if lin.bias is not None:
-        b = lin.bias.detach()
-        new.bias = nn.Parameter((b.index_select(0, idx) if axis == 0 else b.clone()).contiguous(),
-                                requires_grad=lin.bias.requires_grad)
-    return new
-
-
 def _compensate(lin: nn.Linear, removed: torch.Tensor, mean: torch.Tensor) -> None:
     """FLAP bias compensation: b += W[:, removed] · E[x_removed], so the layer's mean output on the
     calibration data is unchanged. Adds a bias to ``lin`` if it has none."""
@@ -993,45 +929,6 @@ def _removed(kept: torch.Tensor, n: int) -> torch.Tensor:
     keep = torch.zeros(n, dtype=torch.bool)
     keep[kept] = True
     return (~keep).nonzero().flatten()
-
-
-def _set_layer_sizes(layer: nn.Module, heads: int, kv_heads: int) -> None:
-    a = layer.self_attn
-    a.num_key_value_groups = heads // kv_heads
-    for name, value in (("num_heads", heads), ("num_key_value_heads", kv_heads)):
-        if hasattr(a, name):
-            setattr(a, name, value)
-    if hasattr(layer.mlp, "intermediate_size"):
-        layer.mlp.intermediate_size = layer.mlp.gate_proj.out_features
-
-
-def structure_of(model: nn.Module) -> dict:
-    """Per-layer sizes (and which added biases exist): what ``load_pruned`` needs to rebuild it."""
-    out = []
-    for layer in decoder_layers(model):
-        s = layer_shape(layer)
-        out.append({"num_attention_heads": s.heads, "num_key_value_heads": s.kv_heads, "head_dim": s.head_dim,
-                    "intermediate_size": s.channels,
-                    "o_proj_bias": layer.self_attn.o_proj.bias is not None,
-                    "down_proj_bias": layer.mlp.down_proj.bias is not None})
-    return {"format": "pruning_lab.structured/1", "layers": out}
-
-
-def _update_config(model: nn.Module, head_dim: int) -> None:
-    """Global config fields: layer count, and the largest per-layer sizes (the per-layer truth is
-    ``structure_of(model)``, saved beside config.json)."""
-    layers = decoder_layers(model)
-    cfg = model.config
-    shapes = [layer_shape(layer) for layer in layers]
-    cfg.head_dim = head_dim  # keep it explicit: the default hidden // heads would change with the heads
-    cfg.num_attention_heads = max(s.heads for s in shapes)
-    cfg.num_key_value_heads = max(s.kv_heads for s in shapes)
-    cfg.intermediate_size = max(s.channels for s in shapes)
-    cfg.num_hidden_layers = len(layers)
-    for i, layer in enumerate(layers):
-        layer.self_attn.layer_idx = i
-        if hasattr(layer, "layer_idx"):
-            layer.layer_idx = i
 
 
 def _replaced_weights(layers: nn.ModuleList, plan: StructuredPlan) -> list[torch.Tensor]:
@@ -1081,84 +978,21 @@ def prune_model(model: nn.Module, plan: StructuredPlan, *, calibration: Calibrat
                 _compensate(a.o_proj, _removed(q_keep, s.heads * s.head_dim), calibration.attn[i].mean)
                 _compensate(m.down_proj, _removed(p.channels, s.channels), calibration.mlp[i].mean)
             if len(p.heads) < s.heads:
-                a.q_proj, a.o_proj = _sliced(a.q_proj, q_keep, 0), _sliced(a.o_proj, q_keep, 1)
+                a.q_proj, a.o_proj = sliced_linear(a.q_proj, q_keep, 0), sliced_linear(a.o_proj, q_keep, 1)
             if len(p.kv_heads) < s.kv_heads:
-                a.k_proj, a.v_proj = _sliced(a.k_proj, kv_keep, 0), _sliced(a.v_proj, kv_keep, 0)
+                a.k_proj, a.v_proj = sliced_linear(a.k_proj, kv_keep, 0), sliced_linear(a.v_proj, kv_keep, 0)
             if len(p.channels) < s.channels:
-                m.gate_proj, m.up_proj = _sliced(m.gate_proj, p.channels, 0), _sliced(m.up_proj, p.channels, 0)
-                m.down_proj = _sliced(m.down_proj, p.channels, 1)
-            _set_layer_sizes(layer, len(p.heads), len(p.kv_heads))
+                m.gate_proj, m.up_proj = sliced_linear(m.gate_proj, p.channels, 0), sliced_linear(m.up_proj, p.channels, 0)
+                m.down_proj = sliced_linear(m.down_proj, p.channels, 1)
+            set_layer_sizes(layer, len(p.heads), len(p.kv_heads))
         if plan.drop_layers:
             base = target.model
             base.layers = nn.ModuleList([layer for i, layer in enumerate(base.layers) if i not in plan.drop_layers])
             types = getattr(target.config, "layer_types", None)
             if isinstance(types, list) and len(types) == len(plan.layers):
                 target.config.layer_types = [t for i, t in enumerate(types) if i not in plan.drop_layers]
-    _update_config(target, head_dim)
+    update_config(target, head_dim)
     return target
-
-
-# --------------------------------------------------------------------------- save / reload
-
-
-def save_pruned(model: nn.Module, folder, tokenizer=None) -> Path:
-    """Write ``config.json``, ``pruning_lab_structure.json`` (per-layer sizes) and
-    ``model.safetensors`` (tied weights stored once) — no pickle."""
-    from safetensors.torch import save_model
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    structure = structure_of(model)
-    structure["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-    model.config.save_pretrained(folder)
-    save_model(model, str(folder / WEIGHTS_FILE))
-    write_json(folder / STRUCTURE_FILE, structure)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    return folder
-
-
-def load_pruned(folder, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> nn.Module:
-    """Rebuild a model saved by ``save_pruned``: the architecture from config.json
-    (``from_config``, no remote code), every layer resized to its saved sizes (with the biases bias
-    compensation added), then the safetensors weights loaded strictly. ``device`` defaults to CUDA
-    when present, ``dtype`` to the saved one. Returns it in eval mode."""
-    from safetensors.torch import load_model
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    folder = Path(folder)
-    for name in ("config.json", STRUCTURE_FILE, WEIGHTS_FILE):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name} is missing: is {folder} a folder written by save_pruned()?")
-    structure = read_json(folder / STRUCTURE_FILE)
-    config = AutoConfig.from_pretrained(folder)
-    if device is None:
-        device = default_device()
-    if dtype is None:  # the dtype the weights were saved in
-        dtype = getattr(torch, structure.get("dtype", "float32"))
-    with torch.device(device):  # build on the target device at once: no second copy of a large model
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    layers = decoder_layers(model)
-    if len(structure["layers"]) != len(layers):
-        raise ValueError(f"{STRUCTURE_FILE} lists {len(structure['layers'])} layers, config.json {len(layers)}.")
-    with torch.no_grad():
-        for layer, sizes in zip(layers, structure["layers"]):
-            a, m = layer.self_attn, layer.mlp
-            q = sizes["num_attention_heads"] * sizes["head_dim"]
-            kv = sizes["num_key_value_heads"] * sizes["head_dim"]
-            c = sizes["intermediate_size"]
-            a.q_proj = _sliced(a.q_proj, torch.arange(q), 0)
-            a.k_proj, a.v_proj = _sliced(a.k_proj, torch.arange(kv), 0), _sliced(a.v_proj, torch.arange(kv), 0)
-            a.o_proj = _sliced(a.o_proj, torch.arange(q), 1)
-            m.gate_proj, m.up_proj = _sliced(m.gate_proj, torch.arange(c), 0), _sliced(m.up_proj, torch.arange(c), 0)
-            m.down_proj = _sliced(m.down_proj, torch.arange(c), 1)
-            for lin, flag in ((a.o_proj, sizes["o_proj_bias"]), (m.down_proj, sizes["down_proj_bias"])):
-                if flag and lin.bias is None:
-                    lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype,
-                                                        device=lin.weight.device))
-            _set_layer_sizes(layer, sizes["num_attention_heads"], sizes["num_key_value_heads"])
-    load_model(model, str(folder / WEIGHTS_FILE), strict=True, device=str(device))
-    return model.eval()
 
 
 # --------------------------------------------------------------------------- LoRA recovery
@@ -1172,29 +1006,23 @@ def lora_recover(model: nn.Module, ids: torch.Tensor, *, steps: int = 20, lr: fl
     seeds the adapters), then merged into the weights. ``losses``, if given, receives each step's
     training loss. Modifies and returns ``model`` (an ordinary model again, same shapes; added biases
     untouched)."""
-    from peft import LoraConfig, get_peft_model
-
     ids = _check_ids(ids)
     if steps < 1:
         raise ValueError(f"steps={steps} must be at least 1.")
     device = next(model.parameters()).device
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none",
-                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        peft_model = get_peft_model(model, cfg)
-        opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
-        g = torch.Generator().manual_seed(seed)
-        peft_model.train()
-        for _ in tqdm(range(steps), desc="LoRA", disable=not progress, leave=False):
-            batch = ids[torch.randint(0, len(ids), (batch_size,), generator=g)].to(device)
-            loss = next_token_loss(peft_model, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if losses is not None:
-                losses.append(loss.item())
-    merged = peft_model.merge_and_unload()
+    peft_model = add_adapters(model, rank=rank, alpha=alpha, targets=LLAMA_PROJECTIONS, seed=seed)
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    peft_model.train()
+    for _ in tqdm(range(steps), desc="LoRA", disable=not progress, leave=False):
+        batch = ids[torch.randint(0, len(ids), (batch_size,), generator=g)].to(device)
+        loss = next_token_loss(peft_model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if losses is not None:
+            losses.append(loss.item())
+    merged = merge_adapters(peft_model)
     for p in merged.parameters():
         p.requires_grad_(True)
     return merged.eval()
