@@ -95,6 +95,17 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def read_json_in(path: str | os.PathLike, name: str, *, what: str, how: str) -> Any:
+    """The JSON file ``path``, or ``path/name`` when ``path`` is a folder (a sweep's ``summary.json``, a run's
+    ``results.json``); when it is absent, one line: no ``what`` there, ``how`` to make it."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / name
+    if not p.is_file():
+        raise FileNotFoundError(f"No {what} at {p}: {how}.")
+    return read_json(p)
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """The SHA-256 of a file's bytes, as hex (about 1 s per GB here)."""
     with open(path, "rb") as f:

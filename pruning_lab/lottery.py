@@ -46,13 +46,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import default_device
-from ._io import atomic_path, read_json, write_json
+from ._io import atomic_path, read_json, read_json_in, write_json
 from .data import ImageData, cache_dir, load_image_data
 from .eval import evaluate
 from .magnitude import global_magnitude_masks, masks_from_densities, prune_remaining
 from .masks import Masks, apply_masks, keep_masked, prunable_parameters, random_masks
 from .models import make_model
-from .stats import paired
+from .stats import mean_std, paired
 from .train import TrainConfig, train
 
 BASELINES = ("random_reinit", "random_mask", "one_shot")
@@ -334,8 +334,10 @@ class LotteryRun:
     def new_model(self, seed: int) -> nn.Module:
         m = self.hp.model
         shape = tuple(self.data.x_train.shape[1:])
-        kwargs = {"in_features": math.prod(shape), "num_classes": len(self.data.classes)} if m.name == "lenet" else \
-            {"width": m.width, "in_shape": shape, "num_classes": len(self.data.classes)}
+        if m.name == "lenet":
+            kwargs = {"in_features": math.prod(shape), "num_classes": len(self.data.classes)}
+        else:
+            kwargs = {"width": m.width, "in_shape": shape, "num_classes": len(self.data.classes)}
         return make_model(m.name, seed, **kwargs).to(self.device)
 
     def level_dir(self, level: int) -> Path:
@@ -599,19 +601,6 @@ def run_seeds(hp: LotteryHparams, seeds: Iterable[int], levels: int, baselines: 
     return runs
 
 
-def _mean(xs):
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
-
-
-def _std(xs):
-    xs = [x for x in xs if x is not None]
-    if len(xs) < 2:
-        return 0.0 if xs else None
-    m = sum(xs) / len(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-
-
 def summarize(runs: list[LotteryRun]) -> dict:
     """Seed-averaged numbers per level (with the per-seed values and sample std alongside).
 
@@ -635,8 +624,7 @@ def summarize(runs: list[LotteryRun]) -> dict:
                 cols[f"{net}_{col}"] = lambda p, net=net, key=key: p[net][key] if net in p else None
         for name, getter in cols.items():
             vals = [getter(p) for p in per]
-            row[name] = _mean(vals)
-            row[f"{name}_std"] = _std(vals)
+            row[name], row[f"{name}_std"] = mean_std(vals, allow_empty=True)
             row[f"{name}_per_seed"] = vals
         rows.append(row)
     return {"seeds": [r.hp.seed for r in runs], "dense_accuracy": rows[0]["ticket_accuracy"],
@@ -654,11 +642,13 @@ def rewind_sweep(hp: LotteryHparams, ks: Iterable[int], level: int, seeds: Itera
         accs = [r.levels[level]["ticket"]["early_stop_test_accuracy"] for r in runs]
         finals = [r.levels[level]["ticket"]["test_accuracy"] for r in runs]
         stops = [r.levels[level]["ticket"]["early_stop_iteration"] for r in runs]
+        (acc, acc_std), (final, final_std) = mean_std(accs, allow_empty=True), mean_std(finals, allow_empty=True)
         out.append({"rewind_iteration": k, "level": level, "weights_remaining": runs[0].levels[level]["weights_remaining"],
-                    "ticket_accuracy": _mean(accs), "ticket_accuracy_std": _std(accs), "ticket_accuracy_per_seed": accs,
-                    "ticket_final_accuracy": _mean(finals), "ticket_final_accuracy_std": _std(finals),
+                    "ticket_accuracy": acc, "ticket_accuracy_std": acc_std, "ticket_accuracy_per_seed": accs,
+                    "ticket_final_accuracy": final, "ticket_final_accuracy_std": final_std,
                     "ticket_final_accuracy_per_seed": finals,
-                    "ticket_early_stop_iteration": _mean(stops), "ticket_early_stop_iteration_per_seed": stops})
+                    "ticket_early_stop_iteration": mean_std(stops, allow_empty=True)[0],
+                    "ticket_early_stop_iteration_per_seed": stops})
     return out
 
 
@@ -681,7 +671,8 @@ def merge_summaries(summaries: list[dict]) -> dict:
             if key.endswith("_per_seed"):
                 vals = [v for p in per for v in p[key]]
                 name = key.removesuffix("_per_seed")
-                row[name], row[f"{name}_std"], row[key] = _mean(vals), _std(vals), vals
+                row[name], row[f"{name}_std"] = mean_std(vals, allow_empty=True)
+                row[key] = vals
         rows.append(row)
     return {"seeds": [x for s in summaries for x in s["seeds"]], "dense_accuracy": rows[0]["ticket_accuracy"],
             "dense_accuracy_per_seed": rows[0]["ticket_accuracy_per_seed"],
@@ -691,9 +682,7 @@ def merge_summaries(summaries: list[dict]) -> dict:
 def summary_from_sweep(path: str | Path) -> dict:
     """The lottery summary of a finished ``workbook sweep`` of this chapter (its folder or summary.json),
     merged over its runs (``merge_summaries``): the figure of notebook 02 with the sweep's seeds."""
-    from .sweep import load_summary
-
-    s = load_summary(path)
+    s = read_json_in(path, "summary.json", what="sweep summary", how="run `python -m pruning_lab sweep ...` first")
     rows = [r["results"] for r in s["rows"]]
     if not rows:
         raise ValueError(f"The sweep at {path} has no finished run yet: run it (or rerun it to retry failures).")

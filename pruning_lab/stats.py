@@ -123,15 +123,17 @@ def paired_binary(a, b, *, level: float = LEVEL, min_n: int = MIN_PAIRS) -> dict
     return {**out, "p_value": p, "verdict": verdict}
 
 
-def mean_std(xs) -> tuple[float, float]:
-    """Mean and sample standard deviation (n − 1; 0 for one value) of numbers; ``None`` values are skipped."""
-    t = torch.as_tensor([x for x in xs if x is not None], dtype=torch.float64)
-    if t.numel() == 0:
+def mean_std(xs, *, allow_empty: bool = False) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n − 1; 0 for one value) of numbers; ``None`` values are skipped.
+    With no number left it refuses, or gives ``(None, None)`` when ``allow_empty`` (a summary row no seed
+    reached). Plain left-to-right float sums, as the lottery and sweep summaries always computed them."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        if allow_empty:
+            return None, None
         raise ValueError("mean_std() needs at least one value (None values are skipped).")
-    return float(t.mean()), float(t.std()) if t.numel() > 1 else 0.0
-
-
-VERDICTS = ("A better", "B better", "within noise", "too few pairs")
+    m = sum(xs) / len(xs)
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
 
 
 def verdict_words(v: dict, a: str, b: str, *, noise: str = "within noise", too_few: str = "too few pairs to test") -> str:

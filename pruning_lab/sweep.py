@@ -30,7 +30,6 @@ import hashlib
 import io
 import itertools
 import json
-import math
 import os
 import re
 import socket
@@ -41,7 +40,8 @@ from urllib.parse import urlparse
 
 from . import params as _params
 from . import workbook
-from ._io import read_json, write_json, write_text
+from ._io import read_json, read_json_in, write_json, write_text
+from .stats import mean_std
 
 SWEEPS = workbook.ROOT / "runs" / "sweeps"
 SWEEP_DEFS = workbook.NOTEBOOKS / "params" / "sweeps"
@@ -391,10 +391,8 @@ def aggregate(rows: list[dict], keys: list[str], over: tuple[str, ...] = ("seed"
     for g in groups.values():
         stats = {}
         for k, vals in g["values"].items():
-            n = len(vals)
-            mean = sum(vals) / n
-            std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else 0.0
-            stats[k] = {"mean": mean, "std": std, "n": n}
+            mean, std = mean_std(vals)
+            stats[k] = {"mean": mean, "std": std, "n": len(vals)}
         out.append({"params": g["params"], **stats})
     return out
 
@@ -405,12 +403,7 @@ def load_summary(path: str | os.PathLike) -> dict:
     For a notebook: ``s = load_summary(sweep_summary)``; each row is ``{"id", "params", "results"}``,
     each aggregate ``{"params": {...}, "<key>": {"mean", "std", "n"}}`` (grouped over ``seed``/``seeds``).
     """
-    p = Path(path)
-    if p.is_dir():
-        p = p / "summary.json"
-    if not p.is_file():
-        raise FileNotFoundError(f"No sweep summary at {p}: run `python -m pruning_lab sweep ...` first.")
-    return read_json(p)
+    return read_json_in(path, "summary.json", what="sweep summary", how="run `python -m pruning_lab sweep ...` first")
 
 
 def main(args) -> int:
