@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 # the one noise test lives in stats; its names are re-exported here for the notebooks that import them
+from .data import tokenize
 from .stats import LEVEL, NOISE_TEST, mean_std, paired, paired_binary, paired_text  # noqa: F401
 
 
@@ -79,8 +80,6 @@ def perplexity(model: nn.Module, ids: torch.Tensor | str, tokenizer=None, *, seq
     if isinstance(ids, str):
         if tokenizer is None:
             raise ValueError("perplexity() got text: pass tokenizer= too, or token ids.")
-        from .data import tokenize
-
         ids = tokenize(tokenizer, ids, max_tokens)
     ids = ids[:max_tokens] if max_tokens else ids
     stride = stride or seq_len

@@ -64,7 +64,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .stats import verdict_words
+from .data import left_padded as _batch  # notebook 04 calls kv._batch too
+from .eval import cache_bytes
+from .needle import is_correct
+from .stats import paired_binary, verdict_words
 
 MOMENTS = ("prompt", "decode")
 DECODE_CHUNK = 32  # tokens of the prompt read per forward at decode time (generate's default)
@@ -317,8 +320,8 @@ class Oracle(Policy):
     positions: tuple = ()
 
     def score(self, state, attn, key_pos):
-        rows = self.positions if self.positions and isinstance(self.positions[0], (tuple, list)) else \
-            [self.positions] * key_pos.shape[0]
+        per_row = bool(self.positions) and isinstance(self.positions[0], (tuple, list))
+        rows = self.positions if per_row else [self.positions] * key_pos.shape[0]
         if len(rows) != key_pos.shape[0]:
             raise ValueError(f"Oracle has positions for {len(rows)} rows, the batch has {key_pos.shape[0]}.")
         width = max(1, max(len(r) for r in rows))
@@ -709,8 +712,10 @@ class EvictingCache(Cache):
         keep = torch.as_tensor(keep, device=pos.device).expand(B)
         seen = src[0].seen
         budgets = self.row_budgets(B, pos.device)
-        recent = torch.tensor([p.recent(int(x)) for x in budgets], device=pos.device) if budgets is not None \
-            else torch.zeros(B, dtype=torch.long, device=pos.device)
+        if budgets is not None:
+            recent = torch.tensor([p.recent(int(x)) for x in budgets], device=pos.device)
+        else:
+            recent = torch.zeros(B, dtype=torch.long, device=pos.device)
         recent = torch.minimum(recent, keep)
         first_real = torch.where(valid, pos, seen).amin(-1, keepdim=True)  # sinks: the first real tokens
         protect = (pos >= (seen - recent)[None, :, None, None]) | ((pos - first_real < p.sinks) & valid)
@@ -885,12 +890,6 @@ class Generation:
     argmax: torch.Tensor | None = field(default=None, repr=False)  # (steps, L, B, Hq) most attended position
 
 
-def _kv_bytes(cache) -> int:
-    from .eval import cache_bytes
-
-    return cache_bytes(cache)
-
-
 def _chunks(n: int, chunk: int) -> list[tuple[int, int]]:
     """[start, end) chunks of ``n`` tokens aligned to the end (the first one is the short one), so that
     left-padded rows are cut exactly where each row alone would be."""
@@ -916,7 +915,7 @@ def _argmax_positions(cache: EvictingCache) -> torch.Tensor:
 def _decode(model, cache: EvictingCache, logits: torch.Tensor, mask: torch.Tensor, last_pos: torch.Tensor, steps: int,
             force: torch.Tensor | None, argmax: bool, eos_token_id: int | None, device) -> dict:
     """The greedy loop after the prompt: ``steps`` tokens (or forced ones), all rows aligned."""
-    out_tokens, logprobs, maxes, peak = [], [], [], _kv_bytes(cache)
+    out_tokens, logprobs, maxes, peak = [], [], [], cache_bytes(cache)
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)
     if argmax:
         maxes.append(_argmax_positions(cache))
@@ -937,7 +936,7 @@ def _decode(model, cache: EvictingCache, logits: torch.Tensor, mask: torch.Tenso
         last_pos = last_pos + 1
         out = model(input_ids=nxt, attention_mask=mask, position_ids=last_pos, past_key_values=cache, use_cache=True)
         logits = out.logits[:, -1].float()
-        peak = max(peak, _kv_bytes(cache))
+        peak = max(peak, cache_bytes(cache))
         if argmax:
             maxes.append(_argmax_positions(cache))
     return {"tokens": torch.cat(out_tokens, 1).cpu(), "peak": peak,
@@ -1112,7 +1111,7 @@ def generate_compressed(model: nn.Module, prefill: Prefill, settings: Sequence[t
     for _, members in groups:
         t0 = time.perf_counter()
         caches = [prefill.compressed(plans[i][0], plans[i][1], plans[i][2]) for i in members]
-        meta = [dict(kept=c.layers[0].kept(), bytes=_kv_bytes(c), evictions=c.evictions,
+        meta = [dict(kept=c.layers[0].kept(), bytes=cache_bytes(c), evictions=c.evictions,
                      positions=c.kept_positions().to(torch.int32).cpu() if record else None,
                      valid=c.kept_valid().cpu() if record else None) for c in caches]
         merged = _merge(caches)
@@ -1130,7 +1129,7 @@ def generate_compressed(model: nn.Module, prefill: Prefill, settings: Sequence[t
             n = len(real) * draws
             per_slot = m["bytes"] // max(1, m["kept"])
             out[i] = Generation(tokens=res["tokens"][start:start + n], kv_bytes=per_slot * (m["kept"] + max_new_tokens - 1),
-                                peak_kv_bytes=_kv_bytes(prefill.cache), evictions=m["evictions"],
+                                peak_kv_bytes=cache_bytes(prefill.cache), evictions=m["evictions"],
                                 seconds_prefill=prefill.seconds, seconds_decode=seconds, budget=budgets,
                                 free_slots=None if budgets is None else [free_slots(pol, b, "prompt") for b in budgets],
                                 kept=m["positions"], kept_valid=m["valid"])
@@ -1206,7 +1205,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, *, policy="full", budget
         if draws > 1:
             logits, last_pos = logits.repeat_interleave(draws, 0), last_pos.repeat_interleave(draws, 0)
             mask = mask.repeat_interleave(draws, 0)
-        peak = _kv_bytes(prefill.cache)
+        peak = cache_bytes(prefill.cache)
     else:
         if draws > 1:
             ids, mask = ids.repeat_interleave(draws, 0), mask.repeat_interleave(draws, 0)
@@ -1221,7 +1220,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, *, policy="full", budget
             for s, e in _chunks(ids.shape[1], chunk):
                 out = model(input_ids=ids[:, s:e], attention_mask=mask[:, :e], position_ids=pos_all[:, s:e],
                             past_key_values=cache, use_cache=True, logits_to_keep=1)  # only the last logits
-                peak = max(peak, _kv_bytes(cache))
+                peak = max(peak, cache_bytes(cache))
                 if argmax and pol.keeps_everything:  # only the latest query is needed for the arg-max
                     for layer in cache.layers:
                         layer.queries, layer.query_pos = layer.queries[:, :, -1:], layer.query_pos[-1:]
@@ -1232,7 +1231,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, *, policy="full", budget
         t1 = time.perf_counter()
         res = _decode(model, cache, logits, mask, last_pos, steps, force, argmax, eos_token_id, device)
         t2 = time.perf_counter()
-    return Generation(tokens=res["tokens"], kv_bytes=_kv_bytes(cache), peak_kv_bytes=max(peak, res["peak"]),
+    return Generation(tokens=res["tokens"], kv_bytes=cache_bytes(cache), peak_kv_bytes=max(peak, res["peak"]),
                       evictions=cache.evictions, seconds_prefill=(t1 - t0) + (prefill.seconds if prefill else 0.0),
                       seconds_decode=t2 - t1, budget=budgets, free_slots=free, prefill_chunk=chunk,
                       events=cache.events, logprobs=res["logprobs"],
@@ -1385,9 +1384,6 @@ def eviction_map(events: list[dict], seen: int, layer: int = 0, head: int = 0, r
 # --------------------------------------------------------------------------- the chapter's experiments
 
 
-from .data import left_padded as _batch  # noqa: E402  (the notebook calls kv._batch)
-
-
 def _fact_kept(g: Generation, spans: list[tuple[int, int]], draws: int = 1) -> torch.Tensor:
     """(rows, layers) share of each row's ``spans`` tokens its cache kept at the end, mean over KV heads."""
     kept, ok = g.kept.long(), g.kept_valid  # (L, B', H, S)
@@ -1416,8 +1412,6 @@ def retrieval_runs(model, tokenizer, items, settings: Sequence[tuple], *, answer
     tokens kept, mean over layers and KV heads) and ``fact_kept_per_layer``. ``full`` adds the
     retrieval score of every head for every item (``head_scores``: items × layers × query heads).
     """
-    from .needle import is_correct
-
     if not len(items):
         raise ValueError("retrieval_runs needs at least one item (got none): build them with "
                          "needle.needle_items(...).")
@@ -1481,8 +1475,9 @@ def retrieval_runs(model, tokenizer, items, settings: Sequence[tuple], *, answer
         full["kv_bytes"] = max(full["kv_bytes"], g.kv_bytes)
         chosen = []
         for k in prompt_ids:
-            pol = pols[k] if pols[k] is not None else \
-                Oracle(positions=tuple(tuple(range(a, e)) for a, e in fact_spans))  # the fact sentence, per row
+            pol = pols[k]
+            if pol is None:  # the oracle: the fact sentence, per row
+                pol = Oracle(positions=tuple(tuple(range(a, e)) for a, e in fact_spans))
             chosen.append((pol, settings[k][1], draws if pol.stochastic else 1))
         gens = generate_compressed(model, pf, chosen, max_new_tokens=answer_tokens, record=True)
         for k, (pol, _, reps), g in zip(prompt_ids, chosen, gens):
@@ -1514,8 +1509,6 @@ def retrieval_accuracy(model, tokenizer, items, *, policy="full", budget=None, m
                        prefill_chunk: int = DECODE_CHUNK, batch_size: int = 8) -> dict:
     """Greedy answers to ``needle`` items under one policy/budget/moment: accuracy, per-item correctness,
     the answers, KV bytes at the end and the token budget of every item."""
-    from .needle import is_correct
-
     if not len(items):
         raise ValueError("retrieval_accuracy needs at least one item (got none): build them with "
                          "needle.needle_items(...).")
@@ -1565,8 +1558,6 @@ def reasoning_accuracy(model, tokenizer, prompts: Sequence[str], settings: Seque
     ``vs_full`` is ``stats.paired_binary(run, full)`` (exact McNemar). Compare two runs with
     ``stats.paired_binary(a["correct"], b["correct"])``.
     """
-    from .stats import paired_binary
-
     if not prompts:
         raise ValueError("reasoning_accuracy() needs at least one prompt.")
     _check_steps(max_new_tokens, "max_new_tokens")

@@ -28,8 +28,10 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
+from .eval import accuracy
 from .masks import (PRUNABLE_TYPES, Include, Masks, _check_masks, apply_masks, keep_masked,  # noqa: F401 (re-exported)
                     plot_sparsity, prunable_parameters, random_masks, sparsity, sparsity_report)
+from .train import train
 
 # --------------------------------------------------------------------------- which weights
 
@@ -336,8 +338,6 @@ def gradual_magnitude_pruning(model: nn.Module, data, cfg, final_sparsity: float
     ``cfg`` is a ``TrainConfig`` whose ``iterations`` should exceed ``start + n_prunes * frequency``
     so the network recovers after the last pruning step. Returns ``(TrainResult, masks)``.
     """
-    from .train import train
-
     _check_sparsity(final_sparsity)
     end = start + n_prunes * frequency
     if end > cfg.iterations:
@@ -363,9 +363,6 @@ def gradual_magnitude_pruning(model: nn.Module, data, cfg, final_sparsity: float
 def prune_and_finetune(model: nn.Module, data, masks: Masks, cfg, *, progress: bool = False):
     """One-shot pruning: apply ``masks``, measure test accuracy, then fine-tune with the masks held
     (``keep_masked``). Returns ``(accuracy_before_finetune, TrainResult)``; ``model`` is changed."""
-    from .eval import accuracy
-    from .train import train
-
     apply_masks(model, masks)
     before = accuracy(model, data.x_test, data.y_test)
     return before, train(model, data, cfg, after_step=keep_masked(model, masks), progress=progress, desc="fine-tune")

@@ -59,9 +59,10 @@ def _paragraphs(text: str) -> list[str]:
     paras = []
     for block in re.split(r"\n\s*\n", text):
         block = block.strip("\n")
-        if not block.strip() or re.fullmatch(r"\s*([=\-~^*#]{3,}|\.\. .*)", block.strip().splitlines()[0]) and \
-                len(block.splitlines()) == 1:
+        if not block.strip():
             continue
+        if len(block.splitlines()) == 1 and re.fullmatch(r"\s*([=\-~^*#]{3,}|\.\. .*)", block.strip()):
+            continue  # a lone rule or directive line
         paras.append(block)
     return paras
 

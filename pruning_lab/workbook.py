@@ -23,8 +23,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import default_device, params as _params
+from . import data, default_device, models, params as _params
 from ._io import atomic_path, honour_umask, plain, write_json
+from .eval import count_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -346,9 +347,6 @@ def check_setup(load_model: bool = True) -> dict:
     import warnings
 
     import torch
-
-    from . import data, models
-    from .eval import count_parameters
 
     report: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
                               "device": default_device().type,
