@@ -276,7 +276,7 @@ def _ending(rng: random.Random, problem: Problem, eq: str) -> str:
     name, item, answer = problem.name, problem.item, problem.answer
     return rng.choice([f"so at the end {name} has {answer} {item}, because {eq}.",
                        f"that means {eq}, and {name} has {answer} {item} at the end.",
-                       f"so the whole thing is {_plan(problem)} = {answer}, because {eq}."])
+                       f"so the last step is {eq}, and the whole thing is {_plan(problem)} = {answer}."])
 
 
 def verbose_trace(problem: Problem, seed: int = 0, *, redundancy: float = 0.7) -> Trace:
@@ -288,7 +288,11 @@ def verbose_trace(problem: Problem, seed: int = 0, *, redundancy: float = 0.7) -
     writes an equation of the chain; everything else is *redundant*. Every paragraph draws its opener from one pool
     ("Step k:" included) and writes numbers and operators; computations, re-checks and detours share their sentence
     frames, and restatements write the chain as one expression (``(21 - 6) * 2``), so the wording does not give the
-    labels away (``TRACE_VERSION`` 2; version 1's restatements wrote no operator)."""
+    labels away. ``TRACE_VERSION`` 3: a detour comes before the first computation half the time (a doubling takes
+    none), so the opening paragraph, the one with the restatement, is redundant in over a third of the traces (36% of
+    400 classroom traces), and every closing form writes the last equation before the answer (version 2: a detour
+    first at 0.3, and one closing form wrote the answer before its equation; version 1: restatements in a paragraph
+    of their own, with no operator)."""
     if not problem.ops:
         raise ValueError("verbose_trace needs a generated problem (make_problems), whose chain of values is known.")
     rng = random.Random(f"trace:{seed}:{problem.question}")
@@ -325,7 +329,9 @@ def verbose_trace(problem: Problem, seed: int = 0, *, redundancy: float = 0.7) -
     last = len(problem.ops) - 1
     for j, ((kind, k), a) in enumerate(zip(problem.ops, problem.values)):
         corrected = None
-        if kind != "double" and rng.random() < 0.3:  # a detour: the step with another number, then a correction
+        if kind != "double" and rng.random() < (0.5 if j == 0 else 0.3):  # a detour: the step with another
+            # number, then a correction; before the first computation half the time, so the opening paragraph (the
+            # question's restatement) is often redundant and its words cannot stand for "necessary"
             lo, hi = (2, 9) if kind == "buy" else (1, max(1, min(9, a - 1)))
             others = [x for x in range(lo, hi + 1) if x != k]
             if others:
@@ -661,7 +667,7 @@ def _resume(path: Path, params: dict, opt: torch.optim.Optimizer) -> tuple[int, 
 
 # --------------------------------------------------------------------------- cached runs (open_lth style)
 
-TRACE_VERSION = 2  # part of every hash: a change to the trace writer or the prompts retrains
+TRACE_VERSION = 3  # part of every hash: a change to the trace writer or the prompts retrains
 
 
 def digest(obj) -> str:
@@ -1027,8 +1033,9 @@ class ReasonerRun(CachedRun):
 
 
 # The classroom reasoner: 2-3 operations, re-checks after 40% of the computations, 240 LoRA steps of 8 traces; on
-# trace writer version 2 it solves 25/60 held-out problems with a CoT (2 operations 21/40, 3 operations 4/20).
-# The same hyperparameters on version 1 (51435c14) solved 34/60, but its CoTs gave their labels away (see
+# trace writer version 3 (e394243a, 49 min on 2 cores) it solves 38/60 held-out problems with a CoT (2 operations
+# 31/40, 3 operations 7/20). The same hyperparameters on version 2 (7dd51498) solved 25/60 (its summary wrote the
+# answer before the equation), on version 1 (51435c14) 34/60, but version 1's CoTs gave their labels away (see
 # verbose_trace). Earlier candidates below the issue's 40% floor: 020b9f3b (3-4 operations, 80 steps) 8/60;
 # 489df6c8 (version 1, 120 steps) 20/60.
 CLASSROOM = ReasonerHparams(family=Family(steps=(2, 3)), redundancy=0.4, lora=LoraHparams(steps=240))

@@ -452,8 +452,10 @@ def test_notebook_smoke_run(smoke_runs):
     d = results["distill"]
     assert set(d["accuracy"]) == {"unpruned", "asap", "random", d["rival"]}
     assert d["token_share"]["unpruned"] == 1.0 and d["token_share"]["asap"] <= results["params"]["asap_target"] + 1e-9
-    # random and the rival were pruned to ASAP's budget, trace by trace
-    assert d["token_share"]["random"] <= d["token_share"]["asap"] + 1e-9
+    # random and the rival were pruned trace by trace to the step cut closest to ASAP's tokens ("closest"), so their
+    # token shares match ASAP's to within about a step (a CoT step is ~10% of the tokens; the smoke run: 0.15 vs 0.15)
+    for name in ("random", d["rival"]):
+        assert abs(d["token_share"][name] - d["token_share"]["asap"]) <= 0.05, (name, d["token_share"])
     par = results["parallel"]
     assert par["early"]["tokens"] > 0 and set(par["vote"]) == {str(k) for k in range(1, par["n"] + 1)}
     figs = nb_path.parent / "results" / "figures" / "05_cot_pruning"
@@ -527,28 +529,47 @@ def test_readme_chapter_5_quotes_the_committed_run():
     text = " ".join(text.split())
     g, ga, d, pa, rz = r["grading"], r["grading_after_opening"], r["distill"], r["parallel"], r["reasoner"]
     assert f"solves **{rz['cot_accuracy']:.0%}** with a CoT" in text
+    assert (f"(2 operations {rz['accuracy_by_steps']['2']:.0%}, 3 operations {rz['accuracy_by_steps']['3']:.0%}) and "
+            f"{rz['answer_accuracy']:.0%} answering directly") in text
+    assert rz["cot_vs_answer"]["verdict"] == "A better" and rz["cot_vs_answer"]["p_value"] < 0.001
     assert f"solves {r['base']['cot_accuracy']:.0%} of {rz['n']} held-out" in text
     assert f"({r['own_cots']['correct']} correct, {r['own_cots']['labelled']} labelled" in text
-    assert f"redundancy AUC of {g['auc']['bag_of_words_cv']:.2f}" in text
+    a = g["auc"]
+    assert (f"redundancy AUC of {a['bag_of_words_cv']:.2f}, \"opens with *Step k:*\" {a['opens_with_step_k']:.2f}, "
+            f"\"writes an operator\" {a['writes_an_operator']:.2f} (position {a['position']:.2f}, random "
+            f"{a['random']:.2f})") in text
+    null = g["cv_null"]["opening_word_cv"]
+    assert a["opening_word_cv"] < null["low"]
+    assert f"below chance ({a['opening_word_cv']:.2f}, outside the {null['low']:.2f}–{null['high']:.2f}" in text
+    assert g["vs_random"]["asap"]["verdict"] == "A better" and max(a, key=lambda n: a[n]) == "asap"
+    assert f"({a['asap']:.2f}, above random: paired t over {g['traces']} CoTs, p = {g['vs_random']['asap']['p_value']:.2g})" in text
+    for n in ("first_token_surprisal", "answer_gain"):
+        assert g["vs_random"][n]["verdict"] == "within noise", n
+    assert f"first-token surprisal {a['first_token_surprisal']:.2f} and answer gain {a['answer_gain']:.2f} are within" in text
     after = ga["auc"]
-    assert (f"(bag of words {after['bag_of_words_cv']:.2f}, \"writes an operator\" {after['writes_an_operator']:.2f}, "
-            f"position {after['position']:.2f}, random {after['random']:.2f})") in text
-    v = ga["vs_random"]["answer_gain"]
-    assert v["verdict"] == "A better" and f"only answer gain beats random ({after['answer_gain']:.2f}" in text
-    assert f"p = {v['p_value']:.2g})" in text
-    assert all(ga["vs_random"][n]["verdict"] == "within noise" for n in ("asap", "first_token_surprisal", "mean_surprisal"))
-    assert (f"coarse-pruned CoT) {after['asap']:.2f}, first-token surprisal {after['first_token_surprisal']:.2f} and "
-            f"mean surprisal {after['mean_surprisal']:.2f} are within noise of random") in text
+    assert ga["vs_random"]["asap"]["verdict"] == "within noise" and f"ASAP falls to {after['asap']:.2f} (within noise)" in text
+    assert [n for n in ("first_token_surprisal", "mean_surprisal", "answer_gain", "asap")
+            if ga["vs_random"][n]["verdict"] == "A better"] == ["answer_gain"]
+    assert (f"answer gain ({after['answer_gain']:.2f}) is the one score above random "
+            f"(p = {ga['vs_random']['answer_gain']['p_value']:.2g})") in text
+    assert d["rival"] == "answer_gain" and d["target"] == 0.8 and "the paper's 80% stopping rule" in text
+    assert (f"({d['token_share']['asap']:.0%} of the tokens kept after its coarse stage; the necessary steps hold "
+            f"{d['necessary_token_share']:.0%})") in text
     for name in ("unpruned", "asap", "random", d["rival"]):
         assert f"{d['accuracy'][name]:.0%} at {d['mean_cot_tokens'][name]:.0f}" in text, name
-    assert d["rival"] == "answer_gain" and f"({d['token_share']['asap']:.0%} kept" in text
-    for k in ("asap vs random", "asap vs answer_gain"):
-        assert d["tests"][k]["accuracy"]["verdict"] == "A better"
-    assert (f"p = {d['tests']['asap vs random']['accuracy']['p_value']:.2g} and "
-            f"{d['tests']['asap vs answer_gain']['accuracy']['p_value']:.2g}") in text
-    assert d["tests"]["asap vs unpruned"]["accuracy"]["verdict"] == "B better"
+    assert f"({d['token_share']['random']:.0%} kept)" in text and f"answer gain ({d['token_share']['answer_gain']:.0%})" in text
+    t = d["tests"]
+    assert [t[k]["accuracy"]["verdict"] for k in ("asap vs unpruned", "asap vs random", "asap vs answer_gain")] == [
+        "within noise"] * 3
+    assert t["asap vs unpruned"]["tokens"]["verdict"] == "B better"  # ASAP's student writes fewer tokens
+    assert f"within noise of it (exact McNemar, p = {t['asap vs unpruned']['accuracy']['p_value']:.2g})" in text
+    assert (f"(p = {t['asap vs random']['accuracy']['p_value']:.2g} and "
+            f"{t['asap vs answer_gain']['accuracy']['p_value']:.2g})") in text
+    assert t["random vs unpruned"]["accuracy"]["verdict"] == "B better"
+    assert f"only the random student is below the unpruned one (p = {t['random vs unpruned']['accuracy']['p_value']:.2g})" in text
     assert f"{1 - pa['early']['tokens'] / pa['vote'][str(pa['n'])]['tokens']:.0%} fewer tokens" in text
     assert f"reaches {pa['early']['accuracy']:.0%} vs {pa['vote'][str(pa['n'])]['accuracy']:.0%}" in text
-    assert f"p = {pa['early_vs_all']['p_value']:.2g}" in text and pa["early_vs_all"]["verdict"] == "B better"
-    assert f"stopping after {pa['k_equal_spend']} traces" in text
+    assert f"p = {pa['early_vs_all']['p_value']:.2g}" in text and pa["early_vs_all"]["verdict"] == "within noise"
+    assert (f"stopping after {pa['k_equal_spend']} traces costs about as much and keeps "
+            f"{pa['vote'][str(pa['k_equal_spend'])]['accuracy']:.0%}") in text
     assert f"{pa['early_wrong']['intermediate_value']} of the {pa['early_wrong']['problems']} problems" in text
