@@ -96,8 +96,8 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def read_json_in(path: str | os.PathLike, name: str, *, what: str, how: str) -> Any:
-    """The JSON file ``path``, or ``path/name`` when ``path`` is a folder (a sweep's ``summary.json``, a run's
-    ``results.json``); when it is absent, one line: no ``what`` there, ``how`` to make it."""
+    """The JSON file ``path``, or ``path/name`` when ``path`` is a folder (a sweep's ``summary.json``, read by
+    ``sweep`` and ``lottery``); when it is absent, one line: no ``what`` there, ``how`` to make it."""
     p = Path(path)
     if p.is_dir():
         p = p / name

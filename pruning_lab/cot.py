@@ -654,12 +654,16 @@ def grade(step_scores: dict[str, list[torch.Tensor]], labels: list[list[bool]]) 
     return out
 
 
+def necessary_tokens(e: Encoded, labels: list[bool]) -> int:
+    """Tokens of a labelled CoT's necessary steps: the least a pruning that keeps every computation must keep."""
+    return sum(n for n, r in zip(step_tokens(e), labels) if not r)
+
+
 def oracle_precision_recall(encoded: list[Encoded], step_scores: list[torch.Tensor], labels: list[list[bool]]) -> dict:
     """Prune each trace to exactly the tokens of its necessary steps (ASAP's rule); mean precision and recall."""
     pr = []
     for e, s, lab in zip(encoded, step_scores, labels):
-        need = sum(n for n, r in zip(step_tokens(e), lab) if not r)
-        pr.append(precision_recall(e, prune(e, s, max_tokens=need), lab))
+        pr.append(precision_recall(e, prune(e, s, max_tokens=necessary_tokens(e, lab)), lab))
     p, r = (list(x) for x in zip(*pr))
     return {"precision": sum(p) / len(p), "recall": sum(r) / len(r), "precision_per_trace": p, "recall_per_trace": r}
 

@@ -26,6 +26,9 @@ from torch import nn
 from . import default_device
 from ._io import read_json, write_json
 
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")  # the nn.Linear modules of ``self_attn``
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")           # and of ``mlp``
+PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS              # every projection of a decoder layer
 STRUCTURE_FILE = "pruning_lab_structure.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -40,8 +43,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
         raise ValueError(f"{type(model).__name__} is not a supported causal LM: structured pruning needs "
                          "model.model.layers (a ModuleList of decoder layers), as in Llama, Mistral or Qwen2.")
-    need = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    need = [f"self_attn.{n}" for n in ATTENTION_PROJECTIONS] + [f"mlp.{n}" for n in MLP_PROJECTIONS]
     for i, layer in enumerate(layers):
         missing = [n for n in need if not isinstance(layer.get_submodule(n) if _has(layer, n) else None, nn.Linear)]
         attn = getattr(layer, "self_attn", None)

@@ -7,7 +7,7 @@ the model itself); after training the update is merged into ``W`` and the model 
 Chapter 3 recovers a pruned model with it (``structured.lora_recover``, LLM-Pruner's recipe), chapter 5 trains the
 small reasoner and its students with it (``reasoner.sft``). Both go through ``add_adapters`` / ``merge_adapters``::
 
-    wrapped = add_adapters(model, rank=8, alpha=16, targets=("q_proj", "v_proj"), seed=0)
+    wrapped = add_adapters(model, rank=8, alpha=16, targets=llama.PROJECTIONS, seed=0)
     ...                                         # train wrapped's adapters (the only trainable weights)
     model = merge_adapters(wrapped)             # same shapes as before, adapters folded into the weights
 """
@@ -19,12 +19,9 @@ import warnings
 import torch
 from torch import nn
 
-#: every projection of a Llama decoder layer (attention and MLP)
-LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def add_adapters(model: nn.Module, *, rank: int, alpha: int, targets=LLAMA_PROJECTIONS, seed: int = 0) -> nn.Module:
-    """``model`` wrapped with LoRA adapters of ``rank`` on the modules named ``targets`` (dropout 0, no bias
+def add_adapters(model: nn.Module, *, rank: int, alpha: int, targets, seed: int = 0) -> nn.Module:
+    """``model`` wrapped with LoRA adapters of ``rank`` on the modules named ``targets`` (e.g. ``llama.PROJECTIONS``:
+    every projection of a decoder layer; dropout 0, no bias
     training); only the adapters are trainable. Their random initialisation is drawn from ``seed`` without
     touching torch's global generator."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:

@@ -51,7 +51,8 @@ from torch import nn
 
 from ._io import atomic_path, read_json, write_json
 from .data import cache_dir, left_padded
-from .lora import LLAMA_PROJECTIONS, add_adapters, merge_adapters
+from .llama import PROJECTIONS
+from .lora import add_adapters, merge_adapters
 from .models import embedded_model_folder, load_llm
 
 ANSWER_PREFIX = "The answer is"
@@ -426,9 +427,6 @@ def chain_labels(trace: Trace, problem: Problem, spans: list[tuple[int, int]] | 
 
 # --------------------------------------------------------------------------- supervised LoRA (one helper)
 
-LORA_TARGETS = LLAMA_PROJECTIONS  # every projection of a decoder layer
-
-
 @dataclass(frozen=True)
 class LoraHparams:
     """One supervised fine-tuning run: LoRA of ``rank`` on ``targets`` (``rank=0``: every weight, full fine-tuning),
@@ -439,7 +437,7 @@ class LoraHparams:
 
     rank: int = 16
     alpha: int = 32
-    targets: tuple[str, ...] = LORA_TARGETS
+    targets: tuple[str, ...] = PROJECTIONS
     lr: float = 1e-3
     steps: int = 100
     batch_size: int = 8

@@ -51,9 +51,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .eval import count_parameters, next_token_loss, perplexity
-from .llama import LayerShape, decoder_layers, layer_shape, set_layer_sizes, sliced_linear, update_config
+from .llama import (PROJECTIONS, LayerShape, decoder_layers, layer_shape, set_layer_sizes, sliced_linear,
+                    update_config)
 from .llama import load_pruned, save_pruned, structure_of  # noqa: F401 (re-exported: notebook 03 uses st.<name>)
-from .lora import LLAMA_PROJECTIONS, add_adapters, merge_adapters
+from .lora import add_adapters, merge_adapters
 from .masks import Masks, masked  # noqa: F401 (masked re-exported: structured.masked)
 
 STRUCTURES = ("heads+mlp", "mlp", "heads")
@@ -1010,7 +1011,7 @@ def lora_recover(model: nn.Module, ids: torch.Tensor, *, steps: int = 20, lr: fl
     if steps < 1:
         raise ValueError(f"steps={steps} must be at least 1.")
     device = next(model.parameters()).device
-    peft_model = add_adapters(model, rank=rank, alpha=alpha, targets=LLAMA_PROJECTIONS, seed=seed)
+    peft_model = add_adapters(model, rank=rank, alpha=alpha, targets=PROJECTIONS, seed=seed)
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
     g = torch.Generator().manual_seed(seed)
     peft_model.train()
