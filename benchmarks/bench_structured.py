@@ -21,7 +21,7 @@ Prints both timings and the ratios, all measured in this one run:
   interleaved, best of each, its busy/idle slowdown beside its baseline's: FLAP's calibration on the 32 windows
   of 128 tokens calibrated here vs plain dense forwards over the same windows (what calibration cannot avoid);
   planning and slicing the 30% model vs copying the dense model (memory-bound work of the same size); and 32
-  greedy decode steps after a 256-token prompt (untimed) of each pruned model vs the dense one.
+  greedy decode steps after a 256-token prompt (untimed) of each pruned model vs the dense one (``--busy-rounds``).
 Targets: params <= 0.72x, prefill >= 1.3x, decode >= 1.3x (90% of the ideal 1/0.70), FLAP < 120 s, peak < 2x the model.
 """
 
@@ -219,6 +219,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratio", type=float, default=0.3)
     parser.add_argument("--rounds", type=int, default=3, help="alternating dense/pruned speed rounds")
+    parser.add_argument("--busy-rounds", type=int, default=2, help="interleaved idle/busy rounds of the busy check")
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--samples", type=int, default=128)
@@ -308,7 +309,7 @@ def main() -> int:
               "peak < 2x model": peak_x < 2}
     report["targets_met"] = checks
     # 4. the same paths on a busy laptop
-    check = busy_paths(model, variants, ids, args.ratio, args.prompt_len, args.new_tokens, args.rounds)
+    check = busy_paths(model, variants, ids, args.ratio, args.prompt_len, args.new_tokens, args.busy_rounds)
     from _load import print_busy_check
 
     print_busy_check(check)
