@@ -27,7 +27,8 @@ def competitors_default() -> int:
 def busy(n: int | None = None):
     """``n`` CPU-bound competitor processes for the duration of the block (default: cores − 1, at least 1)."""
     n = competitors_default() if n is None else n
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=_die_with_parent)
+             for _ in range(n)]
     try:
         time.sleep(0.3)  # let them reach the scheduler's steady state
         yield n
@@ -40,6 +41,16 @@ def busy(n: int | None = None):
 
 class Timed(float):
     """Seconds a method measured itself (returned by it instead of being timed from outside)."""
+
+
+def _die_with_parent() -> None:
+    """Linux: the competitor gets SIGKILL when the benchmark dies, even by a signal that skips ``finally``
+    (a killed benchmark must not leave a process spinning on a student's laptop)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def best_time(fn: Callable[[], object]) -> float:

@@ -15,7 +15,8 @@ indexing and collation), and that with fused Adam.
 Every loop is timed idle and beside CPU-bound competitors that the script starts and stops itself (one
 ``while True: pass`` per core minus one, ``benchmarks/_load.py``), rounds interleaved, best of each: the
 speed-ups are the idle ones, and ``busy_check`` puts our loop's busy/idle slowdown beside the DataLoader
-loops'.
+loops'. All loops run the same LeNet ops (tiny matmuls, each split over torch's threads and ending in a
+barrier), so a busy core slows all of them; README "Benchmarks" says why ``train`` keeps torch's thread count.
 """
 
 import os
