@@ -130,7 +130,8 @@ def _select(tensors: list[torch.Tensor], n_prune: int, pmap) -> tuple[list[torch
         slot.clear()
         keep = hi > hb
         idx = (hi == hb).nonzero().view(-1)
-        return keep, idx, _as_float32(w).view(torch.int32)[idx] & 0xFFFF, hist[hb + 1:].sum()
+        lows = _as_float32(w.detach().reshape(-1)[idx]).view(torch.int32) & 0xFFFF  # members only: no fp32 copy of w
+        return keep, idx, lows, hist[hb + 1:].sum()
 
     out = pmap(pass2, slots)
     del slots
