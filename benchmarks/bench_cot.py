@@ -9,13 +9,21 @@
    vs LoRA (float32 weights, and bfloat16 base weights as the reasoner is trained).
 3. **Generation throughput** of the reasoner (greedy, 16 prompts in one batch): bfloat16 vs float32 weights.
 
-    .venv/bin/python benchmarks/bench_cot.py [--traces 50] [--rounds 2]
+4. **On a busy laptop** (``busy_check``, ``benchmarks/_load.py``): one-pass scoring vs one forward per step on the
+   first ``--busy-traces`` (10) short traces, each timed idle and beside CPU-bound competitors the script starts
+   and stops itself (one ``while True: pass`` per core minus one), rounds interleaved, best of each: the one-pass
+   scorer's busy/idle slowdown beside the per-step baseline's. ``--busy-only`` runs just this check and adds it
+   to the committed JSON.
+
+    .venv/bin/python benchmarks/bench_cot.py [--traces 50] [--rounds 2] [--busy-traces 10] [--busy-only]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
+import sys
 import time
 from dataclasses import replace
 
@@ -25,6 +33,8 @@ from pruning_lab import cot
 from pruning_lab import reasoner as rs
 from pruning_lab.models import load_llm
 from pruning_lab.workbook import record_benchmark
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 @torch.inference_mode()
@@ -65,6 +75,16 @@ def measure_scoring(model, encoded, rounds):
             "prefix_tokens_read_per_step": prefix_tokens, "token_ratio": prefix_tokens / tokens, "seconds": best,
             "speedup": best["per_step"] / best["one_pass"], "one_pass_tokens_per_s": tokens / best["one_pass"],
             "max_abs_score_difference": diff}
+
+
+def busy_scoring(model, encoded, rounds) -> dict:
+    """One-pass scoring vs one forward per step over ``encoded``, idle and busy (``busy_check``)."""
+    from _load import busy_check
+
+    one_pass(model, encoded[:2]), per_step(model, encoded[0])  # warm-up
+    methods = {"one_pass": lambda: one_pass(model, encoded), "per_step": lambda: [per_step(model, e) for e in encoded]}
+    return dict(busy_check(methods, {"one_pass": "per_step"}, rounds=rounds, log=lambda *_: None),
+                traces=len(encoded), tokens=sum(len(e.ids) for e in encoded))
 
 
 def train_step_seconds(model, tok, pairs, hp: rs.LoraHparams) -> tuple[float, int]:
@@ -135,8 +155,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--traces", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--busy-traces", type=int, default=10, help="short traces scored in the busy check")
+    ap.add_argument("--busy-only", action="store_true", help="run only the busy check; add it to the committed JSON")
     args = ap.parse_args()
     base, tok = load_llm()
+    if args.busy_only:
+        from _load import merge_busy_check, print_busy_check
+
+        problems = rs.make_problems(args.traces, seed=0)[:args.busy_traces]
+        short = [cot.encode(tok, rs.verbose_trace(p, seed=i, redundancy=0.0)) for i, p in enumerate(problems)]
+        check = busy_scoring(base, short, args.rounds)
+        print_busy_check(check)
+        print(f"wrote {merge_busy_check('cot', check)}")
+        return 0
     ref_before = reference_forward(base, args.rounds)
     problems = rs.make_problems(args.traces, seed=0)
     short = [cot.encode(tok, rs.verbose_trace(p, seed=i, redundancy=0.0)) for i, p in enumerate(problems)]
@@ -157,6 +188,7 @@ def main() -> int:
     pairs = rs.training_examples(rs.CLASSROOM, tok, 8, seed=99)
     training = measure_training(tok, pairs, args.rounds)
     generation = measure_generation(reasoner, tok, rs.make_problems(16, split="heldout", seed=5), args.rounds)
+    busy = busy_scoring(base, short[:args.busy_traces], args.rounds)
     ref_after = reference_forward(load_llm()[0], args.rounds)
     print(f"{torch.get_num_threads()} threads, best of {args.rounds}; reference 512-token forward {ref_before:.2f} s "
           f"before, {ref_after:.2f} s after (0.96 s on 2 idle cores)")
@@ -169,6 +201,9 @@ def main() -> int:
           + f" (LoRA bf16 / full: {training['lora_bf16_over_full']:.2f}x)")
     print("  generation tokens/s: " + ", ".join(f"{k} {v:.0f}" for k, v in generation["tokens_per_s"].items())
           + f" (bf16 / fp32: {generation['bf16_over_fp32']:.2f}x)")
+    from _load import print_busy_check
+
+    print_busy_check(busy)
     path = record_benchmark("cot", {
         "rounds": args.rounds, "reference_forward_512_s": {"before": ref_before, "after": ref_after, "idle": 0.96},
         "short_traces": runs["short"], "long_traces": runs["long"], "own_traces": runs["own"],
@@ -177,7 +212,8 @@ def main() -> int:
         "training": training, "generation": generation,
         "train_tokens_per_s_lora_bf16": training["tokens_per_s"]["lora_bf16"],
         "train_tokens_per_s_full": training["tokens_per_s"]["full_fp32"],
-        "generate_tokens_per_s_bf16": generation["tokens_per_s"]["bf16"]})
+        "generate_tokens_per_s_bf16": generation["tokens_per_s"]["bf16"],
+        "busy_check": busy, "busy_over_idle": busy["busy_over_idle"]})
     print(f"wrote {path}")
     return 0
 

@@ -11,8 +11,16 @@ same steps with PIL and numpy), a ``DataLoader(batch_size=60, shuffle=True)`` th
 samples per step, and the default ``Adam``. Two intermediate loops show where the time goes: the
 same DataLoader over an in-memory ``TensorDataset`` (data already tensors, still per-sample
 indexing and collation), and that with fused Adam.
+
+Every loop is timed idle and beside CPU-bound competitors that the script starts and stops itself (one
+``while True: pass`` per core minus one, ``benchmarks/_load.py``), rounds interleaved, best of each: the
+speed-ups are the idle ones, and ``busy_check`` puts our loop's busy/idle slowdown beside the DataLoader
+loops'. All loops run the same LeNet ops (tiny matmuls, each split over torch's threads and ending in a
+barrier), so a busy core slows all of them; README "Benchmarks" says why ``train`` keeps torch's thread count.
 """
 
+import os
+import sys
 import time
 
 import numpy as np
@@ -24,6 +32,9 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from pruning_lab.data import FASHION_MNIST_FILES, _find_fashion_mnist, load_image_data, read_idx
 from pruning_lab.models import make_model
 from pruning_lab.train import TrainConfig, train
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _load import busy_check, print_busy_check  # noqa: E402
 
 
 class PerSampleFashionMNIST(Dataset):
@@ -96,12 +107,9 @@ def main(repeats: int = 5):
         "ours": lambda: train(make_model("lenet", seed=0), data, TrainConfig(iterations=steps, eval_every=0),
                               progress=False),
     }
-    best = {k: float("inf") for k in variants}
-    for _ in range(repeats):  # interleaved, best of `repeats`: the machine's noise hits all alike
-        for name, run in variants.items():
-            t0 = time.perf_counter()
-            run()
-            best[name] = min(best[name], time.perf_counter() - t0)
+    # interleaved rounds, idle and busy, best of `repeats` in each state: the machine's noise hits all alike
+    check = busy_check(variants, {"ours": "naive", "tensor_ds_fused": "naive"}, rounds=repeats, log=lambda *_: None)
+    best = check["seconds_idle"]
 
     print(f"Fashion-MNIST load (cached): {load_s:.2f} s")
     print(f"one epoch ({steps} steps of batch 60, then 15,000 held-out images evaluated), {torch.get_num_threads()} threads, best of {repeats}")
@@ -113,12 +121,15 @@ def main(repeats: int = 5):
     print(f"  speed-up vs TensorDataset loop  : {best['tensor_ds'] / best['ours']:.2f}x "
           "(the stricter baseline: its data are already tensors)")
     print(f"  speed-up vs TensorDataset+fused : {best['tensor_ds_fused'] / best['ours']:.2f}x (the data path alone)")
+    print_busy_check(check)
     from pruning_lab.workbook import record_benchmark
 
     path = record_benchmark("train_loop", {
         "steps": steps, "batch_size": 60, "repeats": repeats, "statistic": "best", "seconds": best,
         "speedup_vs_naive": best["naive"] / best["ours"], "speedup_vs_tensor_ds": best["tensor_ds"] / best["ours"],
         "speedup_vs_tensor_ds_fused": best["tensor_ds_fused"] / best["ours"],
+        "busy_check": check, "busy_over_idle": check["busy_over_idle"],
+        "speedup_vs_naive_busy": check["seconds_busy"]["naive"] / check["seconds_busy"]["ours"],
     })
     print(f"  wrote {path}")
 

@@ -47,7 +47,11 @@ def _check_sparsity(sparsity: float) -> None:
 # the float32 bit patterns of |w| (for non-negative floats, the order of the bit patterns is the order
 # of the values). Pass 1 histograms the top 16 bits (sign cleared: exponent and 7 mantissa bits) of
 # every weight; the bucket holding the k-th value is then resolved by a histogram of the low 16 bits
-# of that bucket's few members. Each tensor costs a handful of whole-tensor operations.
+# of that bucket's few members. Each tensor costs five whole-tensor operations: its high bits, their
+# histogram (``bincount`` reads int16 as it is, after scanning its min and max), then ``hi > hb`` (the mask)
+# and ``hi == hb`` (the bucket's members). The bucket is resolved once for all tensors (ties at the k-th
+# value ranked by one cumsum), and how many weights each mask keeps is read from the histograms, not
+# from another pass over the masks. A tensor's high bits are freed as soon as its mask is built.
 #
 # Threads. On a laptop something else always wants a core. Many short parallel regions (one per op and
 # per layer, each ending in a barrier) then wait for a thread the scheduler has parked: 210 layers took
@@ -80,7 +84,7 @@ def _tensor_workers():
 
 
 def _is_cuda(x) -> bool:
-    t = x[0] if isinstance(x, tuple) else x
+    t = x[0] if isinstance(x, (tuple, list)) else x
     return isinstance(t, torch.Tensor) and t.is_cuda
 
 
@@ -97,47 +101,68 @@ def _high_bits(w: torch.Tensor) -> torch.Tensor:
     return ((f.view(torch.int32) >> 16) & 0x7FFF).to(torch.int16)
 
 
-def _prune_smallest(tensors: list[torch.Tensor], n_prune: int, pmap=None) -> list[torch.Tensor]:
-    """Keep-masks that prune exactly the ``n_prune`` smallest |w| over ``tensors`` (ties at the threshold
-    pruned in tensor order, then index order). ``pmap`` spreads the per-tensor work (``_tensor_workers``)."""
-    if n_prune <= 0:
-        return [torch.ones_like(w, dtype=torch.bool) for w in tensors]
-    total = sum(w.numel() for w in tensors)
-    if n_prune >= total:
-        return [torch.zeros_like(w, dtype=torch.bool) for w in tensors]
-    if pmap is None:
-        with _tensor_workers() as pm:
-            return _prune_smallest(tensors, n_prune, pm)
+def _select(tensors: list[torch.Tensor], n_prune: int, pmap) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``_prune_smallest``'s masks and how many weights each keeps (a tensor of counts, read from the
+    histograms instead of another pass over the masks)."""
+    if n_prune <= 0 or n_prune >= sum(w.numel() for w in tensors):
+        keep = n_prune <= 0
+        masks = [torch.full_like(w, keep, dtype=torch.bool) for w in tensors]
+        return masks, torch.tensor([w.numel() if keep else 0 for w in tensors])
 
+    # pass 1, per tensor: the high 16 bits of |w| and their histogram
     def pass1(w):
         hi = _high_bits(w)
-        return hi, torch.bincount(hi, minlength=1 << 15)
+        return [w, hi, torch.bincount(hi, minlength=1 << 15)]
 
-    first = pmap(pass1, tensors)
-    highs = [h for h, _ in first]
-    cum = torch.stack([c for _, c in first]).sum(0).cumsum(0)
+    slots = pmap(pass1, tensors)
+    total = slots[0][2].clone()
+    for s in slots[1:]:
+        total += s[2]
+    cum = total.cumsum(0)
     hb = int(torch.searchsorted(cum, torch.tensor(n_prune, device=cum.device)))  # bucket of the k-th smallest
     below = int(cum[hb - 1]) if hb > 0 else 0
+    del total, cum
 
-    def pass2(args):
-        w, hi = args
+    # pass 2, per tensor: the mask above the bucket, the bucket's members and their low 16 bits; the high bits
+    # and the histogram of a tensor are released as soon as its mask is built
+    def pass2(slot):
+        w, hi, hist = slot
+        slot.clear()
+        keep = hi > hb
         idx = (hi == hb).nonzero().view(-1)
-        return idx, _as_float32(w).view(torch.int32)[idx] & 0xFFFF  # low 16 bits of the bucket's members
+        lows = _as_float32(w.detach().reshape(-1)[idx]).view(torch.int32) & 0xFFFF  # members only: no fp32 copy of w
+        return keep, idx, lows, hist[hb + 1:].sum()
 
-    bucket = pmap(pass2, list(zip(tensors, highs)))
-    lows = torch.cat([lo for _, lo in bucket])
+    out = pmap(pass2, slots)
+    del slots
+    masks = [m for m, _, _, _ in out]
+    idx = [i for _, i, _, _ in out]
+    lows = torch.cat([lo for _, _, lo, _ in out])
+    above = torch.stack([a for _, _, _, a in out])
+    del out
+
+    # the bucket, resolved at once: members above the k-th value stay, ties at it go in order up to the quota
     cum_lo = torch.bincount(lows, minlength=1 << 16).cumsum(0)
     lb = int(torch.searchsorted(cum_lo, torch.tensor(n_prune - below, device=cum_lo.device)))
     quota = n_prune - below - (int(cum_lo[lb - 1]) if lb > 0 else 0)  # ties at the threshold still to prune
+    tie = lows == lb
+    stay = (lows > lb) | (tie & (tie.cumsum(0) > quota))
+    counts = [len(i) for i in idx]
+    for m, i, s in zip(masks, idx, stay.split(counts)):
+        m[i[s]] = True
+    owner = torch.repeat_interleave(torch.arange(len(tensors), device=stay.device),
+                                    torch.tensor(counts, device=stay.device))
+    kept = above + torch.zeros_like(above).index_add_(0, owner, stay.to(above.dtype))
+    return [m.view(w.shape) for m, w in zip(masks, tensors)], kept
 
-    masks = pmap(lambda hi: hi > hb, highs)
-    for m, w, (idx, lo) in zip(masks, tensors, bucket):
-        m[idx[lo > lb]] = True
-        ties = idx[lo == lb]
-        drop = min(quota, len(ties))
-        m[ties[drop:]] = True  # the first `drop` ties of this tensor go, later ones stay
-        quota -= drop
-    return [m.view(w.shape) for m, w in zip(masks, tensors)]
+
+def _prune_smallest(tensors: list[torch.Tensor], n_prune: int, pmap=None) -> list[torch.Tensor]:
+    """Keep-masks that prune exactly the ``n_prune`` smallest |w| over ``tensors`` (ties at the threshold
+    pruned in tensor order, then index order). ``pmap`` spreads the per-tensor work (``_tensor_workers``)."""
+    if pmap is None:
+        with _tensor_workers() as pm:
+            return _select(tensors, n_prune, pm)[0]
+    return _select(tensors, n_prune, pmap)[0]
 
 
 # --------------------------------------------------------------------------- mask makers
@@ -181,8 +206,9 @@ def global_magnitude_masks(module: nn.Module, sparsity: float, *, min_per_layer:
         while True:
             free = [n for n in params if n not in fixed]
             budget = n_prune - sum(sizes[n] - floors[n] for n in fixed)
-            masks = dict(zip(free, _prune_smallest([params[n] for n in free], budget, pmap))) if free else {}
-            violators = [n for n, m in masks.items() if int(m.sum()) < floors[n]]
+            masks, kept = _select([params[n] for n in free], budget, pmap) if free else ([], torch.zeros(0))
+            masks = dict(zip(free, masks))
+            violators = [n for n, k in zip(free, kept.tolist()) if k < floors[n]]
             if not violators:
                 break
             for n in violators:

@@ -47,6 +47,17 @@ def test_ties_are_pruned_in_order_to_the_exact_count():
         assert int((~mg.global_magnitude_masks(zeros, s)["weight"]).sum()) == round(s * 100)
 
 
+def test_kept_counts_and_ties_across_tensors_by_hand():
+    # the 0.5 goes first, then the 1.0s in tensor order, then index order: a's three, then b's first
+    a, b = torch.tensor([1.0, 1.0, 1.0, 2.0]), torch.tensor([1.0, 3.0, -1.0, 0.5])
+    for n_prune, keep_a, keep_b in ((4, [False, False, False, True], [True, True, True, False]),
+                                    (5, [False, False, False, True], [False, True, True, False]),
+                                    (6, [False, False, False, True], [False, True, False, False])):
+        masks, kept = mg._select([a, b], n_prune, mg._serial)
+        assert masks[0].tolist() == keep_a and masks[1].tolist() == keep_b, n_prune
+        assert kept.tolist() == [sum(keep_a), sum(keep_b)]  # read from the histograms, not from the masks
+
+
 def _reference_masks(tensors, n_prune):
     """Brute force: a stable sort of every |w| in tensor order, then index order; the first n_prune go."""
     flat = torch.cat([t.detach().float().abs().reshape(-1) for t in tensors])
@@ -73,6 +84,8 @@ def test_radix_select_equals_a_stable_sort_with_many_ties(threads):
             assert torch.get_num_threads() == threads  # the call restores the thread count
             for a, b in zip(ours, _reference_masks(tensors, n)):
                 assert torch.equal(a, b), frac
+            _, kept = mg._select(tensors, n, mg._serial)
+            assert kept.tolist() == [int(m.sum()) for m in ours], frac
     finally:
         torch.set_num_threads(prev)
 
