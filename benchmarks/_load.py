@@ -131,6 +131,6 @@ def merge_busy_check(name: str, check: dict, extra: dict | None = None) -> str:
     check = dict(check, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  torch_threads=torch.get_num_threads(), measured_separately="--busy-only run; the other figures are "
                  f"from the run of {payload['date']}")
-    payload["figures"].update({"busy_check": check, "busy_over_idle": check["busy_over_idle"], **(extra or {})})
+    payload["figures"].update({"busy_check": check, **(extra or {})})
     write_json(path, payload)
     return str(path)

@@ -213,7 +213,7 @@ def main() -> int:
         "train_tokens_per_s_lora_bf16": training["tokens_per_s"]["lora_bf16"],
         "train_tokens_per_s_full": training["tokens_per_s"]["full_fp32"],
         "generate_tokens_per_s_bf16": generation["tokens_per_s"]["bf16"],
-        "busy_check": busy, "busy_over_idle": busy["busy_over_idle"]})
+        "busy_check": busy})
     print(f"wrote {path}")
     return 0
 

@@ -124,17 +124,16 @@ def decode_breakdown(model, prompt_len: int, new_tokens: int, rounds: int = 3, s
     spent = {"linear": 0.0, "lm_head": 0.0}
     start: dict = {}
 
-    def decode(during=contextlib.nullcontext):
-        """Prefill, then ``new_tokens`` timed greedy steps (inside ``during()``); seconds per step."""
-        out = model(input_ids=prompt, use_cache=True)
-        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        spent.update(linear=0.0, lm_head=0.0)
-        with during():
-            t0 = time.perf_counter()
-            for _ in range(new_tokens):
-                out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-                past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            return (time.perf_counter() - t0) / new_tokens
+    def decode(during=None):
+        """Prefill, then ``new_tokens`` timed greedy steps (inside ``during()``); seconds per step. The hooks'
+        sums are reset after the prefill: the first hooked forward of the timed steps starts from zero."""
+        @contextlib.contextmanager
+        def timed_steps():
+            spent.update(linear=0.0, lm_head=0.0)
+            with (during or contextlib.nullcontext)():
+                yield
+
+        return greedy_decode_seconds(model, prompt, new_tokens, during=timed_steps) / new_tokens
 
     def pre(m, _args):
         start[id(m)] = time.perf_counter()
@@ -170,9 +169,10 @@ def decode_breakdown(model, prompt_len: int, new_tokens: int, rounds: int = 3, s
             "profiler_top_ops_ms_per_step": {e.key: round(e.self_cpu_time_total / 1000 / new_tokens, 4) for e in ops}}
 
 
-def greedy_decode_seconds(model, prompt, new_tokens: int):
-    """Prefill ``prompt`` (untimed), then ``new_tokens`` greedy steps with the KV cache: their seconds, as ``Timed``."""
-    import torch
+def greedy_decode_seconds(model, prompt, new_tokens: int, during=None):
+    """Prefill ``prompt`` (untimed), then ``new_tokens`` greedy steps with the KV cache (inside ``during()`` when
+    given, e.g. a profiler): their seconds, as ``Timed``."""
+    import contextlib
 
     from _load import Timed
     from pruning_lab.eval import eval_mode
@@ -180,11 +180,12 @@ def greedy_decode_seconds(model, prompt, new_tokens: int):
     with eval_mode(model):
         out = model(input_ids=prompt, use_cache=True)
         past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        t0 = time.perf_counter()
-        for _ in range(new_tokens):
-            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        return Timed(time.perf_counter() - t0)
+        with (during or contextlib.nullcontext)():
+            t0 = time.perf_counter()
+            for _ in range(new_tokens):
+                out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+                past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            return Timed(time.perf_counter() - t0)
 
 
 def busy_paths(model, variants, ids, ratio: float, prompt_len: int, new_tokens: int, rounds: int) -> dict:
@@ -314,7 +315,6 @@ def main() -> int:
 
     print_busy_check(check)
     report["busy_check"] = check
-    report["busy_over_idle"] = check["busy_over_idle"]
     print("targets (flap-uniform): " + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in checks.items()))
     from pruning_lab.workbook import record_benchmark
 
