@@ -62,6 +62,7 @@ from typing import Callable, ClassVar, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .data import left_padded as _batch  # notebook 04 calls kv._batch too
@@ -1543,7 +1544,8 @@ def continuation_nll(model, input_ids, attention_mask, reference: torch.Tensor, 
 
 def reasoning_accuracy(model, tokenizer, prompts: Sequence[str], settings: Sequence[tuple], *,
                        check: Callable[[str, int], bool], max_new_tokens: int = 256, moment: str = "decode",
-                       batch_size: int = 8, prefill_chunk: int | None = None, progress: bool = True) -> dict:
+                       batch_size: int = 8, prefill_chunk: int | None = None, min_cot_tokens: int = 0,
+                       max_problems: int | None = None, require_eos: bool = True, progress: bool = True) -> dict:
     """Answer accuracy of decode-time eviction on long reasoning, paired per problem (LazyEviction's claim).
 
     ``prompts``: chat-formatted problems (text ready to tokenise without special tokens). ``check(text,
@@ -1553,79 +1555,102 @@ def reasoning_accuracy(model, tokenizer, prompts: Sequence[str], settings: Seque
     int a token count. The full cache runs first (greedy, stopping at the tokenizer's EOS), then every
     setting decodes the same problems with its own per-problem budgets (rows of a batch may differ).
 
-    Returns ``{"full": {correct, texts, cot_tokens, prompt_tokens, accuracy}, "runs": [{policy, budget,
-    budget_tokens (per problem), free_slots (per problem), correct, texts, accuracy, vs_full}]}`` where
-    ``vs_full`` is ``stats.paired_binary(run, full)`` (exact McNemar). Compare two runs with
-    ``stats.paired_binary(a["correct"], b["correct"])``.
+    **Which problems.** Only problems on which the full cache *finished* its chain of thought (it wrote the EOS
+    token within ``max_new_tokens``: the budget is a share of a length that exists; ``require_eos=False`` keeps
+    unfinished ones too, their length counted as ``max_new_tokens``) and wrote at least
+    ``min_cot_tokens`` tokens are kept, the first ``max_problems`` of them in the order given; the evicting runs
+    decode only those, batched by the full run's length (the rows of a batch stop together). ``"selection"``
+    counts what was dropped and why.
+
+    Returns ``{"selection": {candidates, unfinished, short, kept (indices into prompts)}, "full": {correct, texts,
+    cot_tokens, prompt_tokens, accuracy} (over the kept problems), "runs": [{policy, budget, budget_tokens (per
+    problem), free_slots (per problem), correct, texts, cot_tokens, accuracy, vs_full}]}`` where ``vs_full`` is
+    ``stats.paired_binary(run, full)`` (exact McNemar). Compare two runs with ``stats.paired_binary(a["correct"],
+    b["correct"])``.
     """
     if not prompts:
         raise ValueError("reasoning_accuracy() needs at least one prompt.")
     _check_steps(max_new_tokens, "max_new_tokens")
+    if isinstance(min_cot_tokens, bool) or not isinstance(min_cot_tokens, numbers.Integral) or min_cot_tokens < 0:
+        raise ValueError(f"min_cot_tokens={min_cot_tokens!r} must be an int >= 0.")
+    if min_cot_tokens >= max_new_tokens:
+        raise ValueError(f"min_cot_tokens={min_cot_tokens} leaves no problem: the full cache writes at most "
+                         f"max_new_tokens={max_new_tokens} tokens; raise max_new_tokens or lower min_cot_tokens.")
+    if max_problems is not None and (isinstance(max_problems, bool) or not isinstance(max_problems, numbers.Integral)
+                                     or max_problems < 1):
+        raise ValueError(f"max_problems={max_problems!r} must be an int >= 1, or None for all.")
     for p, b in settings:
         get_policy(p)
         check_budget_value(b)  # a float is a fraction of each problem's full chain of thought
     eos = tokenizer.eos_token_id
-    n = len(prompts)
-    batches = [list(range(i, min(n, i + batch_size))) for i in range(0, n, batch_size)]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(batches) * (1 + len(settings)), desc="reasoning runs", leave=False)
+    n_all = len(prompts)
+    cand_batches = [list(range(i, min(n_all, i + batch_size))) for i in range(0, n_all, batch_size)]
+    bar = tqdm(total=len(cand_batches), desc="reasoning: full cache", leave=False, disable=not progress)
 
     def texts_of(tokens):
-        out, lengths = [], []
+        out, lengths, done = [], [], []
         for row in tokens.tolist():
             cut = row.index(eos) if eos is not None and eos in row else len(row)
             out.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
             lengths.append(cut)
-        return out, lengths
+            done.append(cut < len(row))
+        return out, lengths, done
 
-    full = dict(correct=[None] * n, texts=[None] * n, cot_tokens=[None] * n, prompt_tokens=[None] * n)
-    encs = []
-    for idx in batches:
+    cand = {k: [None] * n_all for k in ("correct", "texts", "cot_tokens", "prompt_tokens", "finished")}
+    for idx in cand_batches:
         enc = _batch(tokenizer, [prompts[i] for i in idx])
-        encs.append(enc)
         g = generate(model, enc.input_ids, attention_mask=enc.attention_mask, policy="full",
                      max_new_tokens=max_new_tokens, eos_token_id=eos)
-        texts, lengths = texts_of(g.tokens)
+        texts, lengths, done = texts_of(g.tokens)
         for k, i in enumerate(idx):
-            full["texts"][i], full["cot_tokens"][i] = texts[k], lengths[k]
-            full["prompt_tokens"][i] = int(enc.attention_mask[k].sum())
-            full["correct"][i] = bool(check(texts[k], i))
-        if bar:
-            bar.update()
+            cand["texts"][i], cand["cot_tokens"][i], cand["finished"][i] = texts[k], lengths[k], done[k]
+            cand["prompt_tokens"][i] = int(enc.attention_mask[k].sum())
+            cand["correct"][i] = bool(check(texts[k], i))
+        bar.update()
+    bar.close()
+    eligible = [i for i in range(n_all) if cand["finished"][i] or not require_eos]
+    kept = [i for i in eligible if cand["cot_tokens"][i] >= min_cot_tokens][:max_problems]
+    selection = dict(candidates=n_all, unfinished=n_all - sum(cand["finished"]),
+                     short=sum(cand["cot_tokens"][i] < min_cot_tokens for i in eligible), kept=kept,
+                     min_cot_tokens=int(min_cot_tokens), require_eos=bool(require_eos))
+    n = len(kept)
+    full = {k: [cand[k][i] for i in kept] for k in ("correct", "texts", "cot_tokens", "prompt_tokens")}
+    full["accuracy"] = sum(full["correct"]) / n if n else None
+    if not settings or not n:
+        return {"selection": selection, "full": full, "runs": []}
+    # batches of similar full length (indices into `kept`): the rows of a batch decode until the last one stops
+    order = sorted(range(n), key=lambda j: full["prompt_tokens"][j] + full["cot_tokens"][j])
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    encs = [_batch(tokenizer, [prompts[kept[j]] for j in idx]) for idx in batches]
     # every budget resolved (and checked) before the evicting runs start
     plans = []
     for p, b in settings:
         frac = b is not None and not isinstance(b, numbers.Integral)
-        per = [round(b * (full["prompt_tokens"][i] + full["cot_tokens"][i])) if frac else b
-               for i in range(n)]
+        per = [round(b * (full["prompt_tokens"][j] + full["cot_tokens"][j])) if frac else b for j in range(n)]
         for idx in batches:
-            plan_budget(p, [per[i] for i in idx], context=[full["prompt_tokens"][i] + max_new_tokens for i in idx],
+            plan_budget(p, [per[j] for j in idx], context=[full["prompt_tokens"][j] + max_new_tokens for j in idx],
                         moment=moment, chunk=prefill_chunk or DECODE_CHUNK,
-                        prompt=[full["prompt_tokens"][i] for i in idx])
+                        prompt=[full["prompt_tokens"][j] for j in idx])
         plans.append(per)
+    bar = tqdm(total=len(batches) * len(settings), desc="reasoning: evicting runs", leave=False, disable=not progress)
     runs = []
     for (p, b), per in zip(settings, plans):
         run = dict(policy=p if isinstance(p, str) else p.name, budget=b, budget_tokens=per, free_slots=[None] * n,
-                   correct=[None] * n, texts=[None] * n)
+                   correct=[None] * n, texts=[None] * n, cot_tokens=[None] * n)
         for idx, enc in zip(batches, encs):
-            g = generate(model, enc.input_ids, attention_mask=enc.attention_mask, policy=p, budget=[per[i] for i in idx],
+            g = generate(model, enc.input_ids, attention_mask=enc.attention_mask, policy=p, budget=[per[j] for j in idx],
                          moment=moment, max_new_tokens=max_new_tokens, prefill_chunk=prefill_chunk, eos_token_id=eos)
-            texts, _ = texts_of(g.tokens)
-            for k, i in enumerate(idx):
-                run["texts"][i], run["correct"][i] = texts[k], bool(check(texts[k], i))
-                run["free_slots"][i] = None if g.free_slots is None else g.free_slots[k]
-            if bar:
-                bar.update()
+            texts, lengths, _ = texts_of(g.tokens)
+            for k, j in enumerate(idx):
+                run["texts"][j], run["cot_tokens"][j] = texts[k], lengths[k]
+                run["correct"][j] = bool(check(texts[k], kept[j]))
+                run["free_slots"][j] = None if g.free_slots is None else g.free_slots[k]
+            bar.update()
         run["accuracy"] = sum(run["correct"]) / n
         run["vs_full"] = paired_binary(run["correct"], full["correct"])
         runs.append(run)
-    if bar:
-        bar.close()
-    full["accuracy"] = sum(full["correct"]) / n
-    return {"full": full, "runs": runs}
+    bar.close()
+    return {"selection": selection, "full": full, "runs": runs}
 
 
 # --------------------------------------------------------------------------- a run's rows, verdicts and words
