@@ -631,8 +631,8 @@ def test_reasoning_accuracy_pairs_problems_under_per_problem_budgets():
 
     r = kv.reasoning_accuracy(model, tok, prompts, [("full", 1.0), ("lazy_eviction", 0.5), ("h2o", 0.5),
                                                     ("streaming_llm", 64)],
-                              check=check, max_new_tokens=200, batch_size=3, progress=False)
-    assert r["full"]["accuracy"] == 1.0 and all(0 < n <= 200 for n in r["full"]["cot_tokens"])
+                              check=check, max_new_tokens=200, batch_size=3, require_eos=False, progress=False)
+    assert r["selection"]["kept"] == [0, 1, 2, 3] and r["full"]["accuracy"] == 1.0 and all(0 < n <= 200 for n in r["full"]["cot_tokens"])
     by = {x["policy"]: x for x in r["runs"]}
     assert by["full"]["correct"] == [True] * 4 and by["full"]["texts"] == r["full"]["texts"]
     lazy = by["lazy_eviction"]
@@ -643,7 +643,58 @@ def test_reasoning_accuracy_pairs_problems_under_per_problem_budgets():
     assert by["streaming_llm"]["budget_tokens"] == [64] * 4 and min(len(t) for t in lazy["texts"]) > 0
     with pytest.raises(ValueError, match="no room"):
         kv.reasoning_accuracy(model, tok, prompts, [("snapkv", 0.1)], check=check, max_new_tokens=200,
-                              progress=False)
+                              require_eos=False, progress=False)
+
+
+def test_reasoning_accuracy_keeps_only_finished_long_chains(monkeypatch):
+    """By hand: four candidates whose full cache stops after 5 tokens, never, after 250 and after 300 tokens. With
+    min_cot_tokens=200 the first is short and the second unfinished; max_problems=1 keeps the third alone, and the
+    evicting run decodes only it, at half of its own prompt + CoT."""
+    from types import SimpleNamespace
+
+    eos, calls = 0, []
+    stops = {"p0": 5, "p1": None, "p2": 250, "p3": 300}
+
+    class Tok:
+        eos_token_id = eos
+
+        def decode(self, ids, skip_special_tokens=True):
+            return f"{len(ids)} tokens"
+
+    def fake_batch(tok, texts):
+        ids = torch.ones(len(texts), 10, dtype=torch.long)
+        return SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids), texts=list(texts))
+
+    def fake_generate(model, input_ids, *, attention_mask, policy, max_new_tokens, eos_token_id, budget=None,
+                      moment="decode", prefill_chunk=None):
+        texts = calls_texts.pop(0)
+        calls.append((policy if isinstance(policy, str) else policy.name, texts, budget))
+        rows = []
+        for t in texts:
+            stop = stops[t] if policy == "full" else 3
+            rows.append([7] * max_new_tokens if stop is None else [7] * stop + [eos] * (max_new_tokens - stop))
+        return SimpleNamespace(tokens=torch.tensor(rows), free_slots=None if policy == "full" else [1] * len(texts))
+
+    calls_texts = []
+    real_batch = fake_batch
+
+    def batch_and_note(tok, texts):
+        calls_texts.append(list(texts))
+        return real_batch(tok, texts)
+
+    monkeypatch.setattr(kv, "_batch", batch_and_note)
+    monkeypatch.setattr(kv, "generate", fake_generate)
+    r = kv.reasoning_accuracy(None, Tok(), ["p0", "p1", "p2", "p3"], [("tova", 0.5)], check=lambda t, i: i == 2,
+                              max_new_tokens=320, min_cot_tokens=200, max_problems=1, batch_size=4, progress=False)
+    assert r["selection"] == dict(candidates=4, unfinished=1, short=1, kept=[2], min_cot_tokens=200, require_eos=True)
+    assert r["full"]["cot_tokens"] == [250] and r["full"]["prompt_tokens"] == [10] and r["full"]["accuracy"] == 1.0
+    (run,) = r["runs"]
+    assert run["budget_tokens"] == [130] and calls[-1] == ("tova", ["p2"], [130])  # round(0.5 * (10 + 250))
+    assert run["correct"] == [True] and run["vs_full"]["n"] == 1
+    with pytest.raises(ValueError, match="min_cot_tokens=400 leaves no problem"):
+        kv.reasoning_accuracy(None, Tok(), ["p0"], [], check=lambda t, i: True, max_new_tokens=320, min_cot_tokens=400)
+    with pytest.raises(ValueError, match="max_problems=0"):
+        kv.reasoning_accuracy(None, Tok(), ["p0"], [], check=lambda t, i: True, max_problems=0)
 
 
 # --------------------------------------------------------------------------- bad input
@@ -802,9 +853,19 @@ def test_notebook_smoke_run(smoke_runs):
     heads = results["retrieval_heads"]
     assert heads["total_heads"] == 270 and 0 <= max(max(row) for row in heads["score"]) <= 1
     assert {r["policy"] for r in results["reasoning"]["runs"]} == set(smoke["reasoning_policies"])
-    assert "What this run shows" in results["conclusion"]
+    assert "What this run shows" in results["conclusion"] and "LazyEviction on long reasoning" in results["conclusion"]
+    lr = results["long_reasoning"]  # section 6 on the smoke reasoner: every policy at every budget, per problem
+    n = smoke["lazy_problems"]
+    assert lr["selection"]["kept"] == list(range(n)) and len(lr["full"]["correct"]) == n
+    assert {(r["policy"], r["budget"]) for r in lr["runs"]} == {(p, b) for p in ["lazy_eviction"] + smoke["lazy_rivals"]
+                                                                 for b in smoke["lazy_budgets"]}
+    for r in lr["runs"]:
+        assert r["budget_tokens"] == [round(r["budget"] * (p + c)) for p, c in zip(lr["full"]["prompt_tokens"],
+                                                                                    lr["full"]["cot_tokens"])]
+        assert r["room_to_choose"] == all(f >= b / 2 for f, b in zip(r["free_slots"], r["budget_tokens"]))
     figures = nb_path.parent / "results" / "figures" / "04_kv_eviction"
-    for name in ("retrieval_accuracy", "fact_tokens_kept", "recurrence", "eviction_maps", "retrieval_heads"):
+    for name in ("retrieval_accuracy", "fact_tokens_kept", "recurrence", "eviction_maps", "retrieval_heads",
+                 "long_reasoning"):
         assert (figures / f"{name}.png").is_file(), name
 
 
@@ -887,6 +948,49 @@ def test_committed_run_matches_its_rendered_conclusion():
     assert all(x["budget"] > max(r["reasoning"]["prompt_tokens"]) for x in r["reasoning"]["runs"])
 
 
+def test_committed_long_reasoning_run_is_lazy_evictions_claim_tested():
+    """Item 7: >= 30 problems with full-cache CoTs of >= 200 tokens, decode-time eviction at 50% and 30% of each
+    problem's own length, LazyEviction paired against the full cache and against StreamingLLM, H2O and TOVA at the same
+    budgets; every recorded verdict is the one its per-problem outcomes give, and the conclusion says it."""
+    import numpy as np
+
+    from pruning_lab.stats import paired_binary
+
+    _, r, nb = _committed()
+    lr, p = r["long_reasoning"], r["params"]
+    full = lr["full"]
+    n = len(full["correct"])
+    assert n >= 30 and len(lr["selection"]["kept"]) == n and min(full["cot_tokens"]) >= 200
+    assert sorted(p["lazy_budgets"]) == [0.3, 0.5] and {"streaming_llm", "h2o", "tova"} <= set(p["lazy_rivals"])
+    runs = {(x["policy"], x["budget"]): x for x in lr["runs"]}
+    assert set(runs) == {(a, b) for a in ["lazy_eviction"] + p["lazy_rivals"] for b in p["lazy_budgets"]}
+    make = _policies_of(p)
+    for x in lr["runs"]:
+        bt = np.array(x["budget_tokens"])
+        assert x["budget_tokens"] == [round(x["budget"] * (a + c)) for a, c in zip(full["prompt_tokens"], full["cot_tokens"])]
+        assert x["room_to_choose"] and all(f >= b / 2 for f, b in zip(x["free_slots"], bt))  # every problem had room
+        pol = make[x["policy"]]
+        chunks = [p["prefill_chunk"] if t > b else 1 for t, b in zip(full["prompt_tokens"], bt)]  # a prompt that fits: 1
+        assert x["free_slots"] == [kv.free_slots(pol, int(b), "decode", c) for b, c in zip(bt, chunks)]
+        assert x["accuracy"] == pytest.approx(np.mean(x["correct"]))
+    for v in lr["verdicts"]:
+        a = runs[(v["a"], v["budget"])]["correct"]
+        b = lr["full_again"]["correct"] if v["b"] == "full" else runs[(v["b"], v["budget"])]["correct"]
+        w = paired_binary(a, b)
+        assert (w["verdict"], w["a_only"], w["b_only"]) == (v["verdict"], v["a_only"], v["b_only"]), v
+    text = " ".join(r["conclusion"].split())
+    assert f"{n} problems, full-cache CoTs of {min(full['cot_tokens'])}–{max(full['cot_tokens'])} tokens" in text
+    again = lr["full_again"]
+    assert f"writing the same CoT on only {again['same_text']})" in text and len(again["correct"]) == n
+    for b in p["lazy_budgets"]:
+        assert f"at {b:.0%} of each problem's tokens LazyEviction solves {runs[('lazy_eviction', b)]['accuracy']:.0%}" in text
+        for name in p["lazy_rivals"]:
+            v = next(x for x in lr["verdicts"] if (x["a"], x["b"], x["budget"]) == ("lazy_eviction", name, b))
+            assert f"{name} {runs[(name, b)]['accuracy']:.0%} (LazyEviction against it: {kv.verdict_mark(v)})" in text
+        vf = next(x for x in lr["verdicts"] if (x["a"], x["b"], x["budget"]) == ("lazy_eviction", "full", b))
+        assert f"(against the full cache: {kv.verdict_mark(vf)})" in text
+
+
 def test_readme_quotes_the_committed_chapter_4_run():
     root, r, _ = _committed()
     readme = " ".join((root / "README.md").read_text().split())
@@ -907,6 +1011,24 @@ def test_readme_quotes_the_committed_chapter_4_run():
     rec = r["recurrence"]
     assert f"{rec['fraction_recurring']:.0%} of the tokens once among a head's {rec['top_k']} most attended" in readme
     assert f"fewer than the {rec['null_fraction_recurring']:.0%} with the steps shuffled" in readme and rec["verdict"] == "B better"
+    lr = r["long_reasoning"]  # LazyEviction's claim on long reasoning (item 7)
+    full, again = lr["full"], lr["full_again"]
+    n = len(full["correct"])
+    assert (f"on {n} held-out problems whose full-cache CoTs run {min(full['cot_tokens'])}–{max(full['cot_tokens'])} tokens, "
+            f"the full cache solves {full['accuracy']:.0%}") in readme
+    assert f"same CoT on only {again['same_text']} of them and solves {sum(again['correct']) / n:.0%}" in readme
+    lruns = {(x["policy"], x["budget"]): x for x in lr["runs"]}
+    names = {"streaming_llm": "StreamingLLM", "h2o": "H2O", "tova": "TOVA"}
+    for v in lr["verdicts"]:
+        b = v["budget"]
+        words = {"A better": f"LazyEviction better", "within noise": "within noise",
+                 "B better": "the full cache better" if v["b"] == "full" else f"{names[v['b']]} better"}[v["verdict"]]
+        if v["b"] == "full":
+            quoted = f"at {b:.0%} of each problem's tokens LazyEviction solves {lruns[('lazy_eviction', b)]['accuracy']:.0%} ({words}, p = {v['p_value']:.2g})"
+        else:
+            quoted = f"{names[v['b']]} {lruns[(v['b'], b)]['accuracy']:.0%} ({words}, p = {v['p_value']:.2g})"
+        if v["a"] == "lazy_eviction":
+            assert quoted in readme, quoted
     heads = r["retrieval_heads"]
     assert f"{heads['heads_over_threshold']} of {heads['total_heads']} query heads are retrieval heads" in readme
     assert f"~{r['params']['context_tokens']:,}-token passages" in readme
