@@ -1440,8 +1440,6 @@ def retrieval_runs(model, tokenizer, items, settings: Sequence[tuple], *, answer
     decode_batches = [list(range(i, min(n, i + decode_batch_size))) for i in range(0, n, decode_batch_size)]
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(batches) + len(decode_batches) * len(decode_ids), desc="retrieval runs", leave=False)
 
     def spans(idx, enc):
@@ -1565,8 +1563,10 @@ def reasoning_accuracy(model, tokenizer, prompts: Sequence[str], settings: Seque
     Returns ``{"selection": {candidates, unfinished, short, kept (indices into prompts)}, "full": {correct, texts,
     cot_tokens, prompt_tokens, accuracy} (over the kept problems), "runs": [{policy, budget, budget_tokens (per
     problem), free_slots (per problem), correct, texts, cot_tokens, accuracy, vs_full}]}`` where ``vs_full`` is
-    ``stats.paired_binary(run, full)`` (exact McNemar). Compare two runs with ``stats.paired_binary(a["correct"],
-    b["correct"])``.
+    ``stats.paired_binary(run, full)`` (exact McNemar) against the first full-cache run, which decoded the problems
+    in other batches (other padding): a long greedy CoT can change with that alone, so put ``("full", 1.0)`` among
+    the settings for a reference decoded in the same batches as every evicting run (notebook 04 does, and compares
+    with it). Compare two runs with ``stats.paired_binary(a["correct"], b["correct"])``.
     """
     if not prompts:
         raise ValueError("reasoning_accuracy() needs at least one prompt.")

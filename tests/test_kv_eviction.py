@@ -661,9 +661,10 @@ def test_reasoning_accuracy_keeps_only_finished_long_chains(monkeypatch):
         def decode(self, ids, skip_special_tokens=True):
             return f"{len(ids)} tokens"
 
-    def fake_batch(tok, texts):
+    def fake_batch(tok, texts):  # notes the prompts it encodes: generate() decodes them in that order
+        calls_texts.append(list(texts))
         ids = torch.ones(len(texts), 10, dtype=torch.long)
-        return SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids), texts=list(texts))
+        return SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids))
 
     def fake_generate(model, input_ids, *, attention_mask, policy, max_new_tokens, eos_token_id, budget=None,
                       moment="decode", prefill_chunk=None):
@@ -676,13 +677,7 @@ def test_reasoning_accuracy_keeps_only_finished_long_chains(monkeypatch):
         return SimpleNamespace(tokens=torch.tensor(rows), free_slots=None if policy == "full" else [1] * len(texts))
 
     calls_texts = []
-    real_batch = fake_batch
-
-    def batch_and_note(tok, texts):
-        calls_texts.append(list(texts))
-        return real_batch(tok, texts)
-
-    monkeypatch.setattr(kv, "_batch", batch_and_note)
+    monkeypatch.setattr(kv, "_batch", fake_batch)
     monkeypatch.setattr(kv, "generate", fake_generate)
     r = kv.reasoning_accuracy(None, Tok(), ["p0", "p1", "p2", "p3"], [("tova", 0.5)], check=lambda t, i: i == 2,
                               max_new_tokens=320, min_cot_tokens=200, max_problems=1, batch_size=4, progress=False)
@@ -1029,6 +1024,10 @@ def test_readme_quotes_the_committed_chapter_4_run():
             quoted = f"{names[v['b']]} {lruns[(v['b'], b)]['accuracy']:.0%} ({words}, p = {v['p_value']:.2g})"
         if v["a"] == "lazy_eviction":
             assert quoted in readme, quoted
+    low = min(r["params"]["lazy_budgets"])
+    limit = r["params"]["lazy_max_new_tokens"]
+    loops = sum(c >= limit for c in lruns[("lazy_eviction", low)]["cot_tokens"])
+    assert f"{loops} of its {n} CoTs there run to the {limit}-token limit" in readme
     heads = r["retrieval_heads"]
     assert f"{heads['heads_over_threshold']} of {heads['total_heads']} query heads are retrieval heads" in readme
     assert f"~{r['params']['context_tokens']:,}-token passages" in readme
