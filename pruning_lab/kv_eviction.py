@@ -889,6 +889,9 @@ class Generation:
     kept: torch.Tensor | None = field(default=None, repr=False)  # (L, B, H, S) positions kept at the end (record)
     kept_valid: torch.Tensor | None = field(default=None, repr=False)
     argmax: torch.Tensor | None = field(default=None, repr=False)  # (steps, L, B, Hq) most attended position
+    # per row: share of (layer, KV head) whose cache still holds the row's first real token at the end (an
+    # evicted token never comes back, so 1.0 = the attention sink was never evicted anywhere)
+    first_token_kept: list[float] | None = None
 
 
 def _chunks(n: int, chunk: int) -> list[tuple[int, int]]:
@@ -1232,12 +1235,15 @@ def generate(model: nn.Module, input_ids: torch.Tensor, *, policy="full", budget
         t1 = time.perf_counter()
         res = _decode(model, cache, logits, mask, last_pos, steps, force, argmax, eos_token_id, device)
         t2 = time.perf_counter()
+    first = (mask.long().cumsum(-1) == 0).sum(-1)  # (B,) index of each row's first real token (after its padding)
+    held = ((cache.kept_positions() == first[None, :, None, None]) & cache.kept_valid()).any(-1)  # (L, B, H)
     return Generation(tokens=res["tokens"], kv_bytes=cache_bytes(cache), peak_kv_bytes=max(peak, res["peak"]),
                       evictions=cache.evictions, seconds_prefill=(t1 - t0) + (prefill.seconds if prefill else 0.0),
                       seconds_decode=t2 - t1, budget=budgets, free_slots=free, prefill_chunk=chunk,
                       events=cache.events, logprobs=res["logprobs"],
                       kept=cache.kept_positions().to(torch.int32).cpu() if record else None,
-                      kept_valid=cache.kept_valid().cpu() if record else None, argmax=res["argmax"])
+                      kept_valid=cache.kept_valid().cpu() if record else None, argmax=res["argmax"],
+                      first_token_kept=held.float().mean((0, 2)).tolist())
 
 
 # --------------------------------------------------------------------------- analysis
@@ -1543,7 +1549,8 @@ def continuation_nll(model, input_ids, attention_mask, reference: torch.Tensor, 
 def reasoning_accuracy(model, tokenizer, prompts: Sequence[str], settings: Sequence[tuple], *,
                        check: Callable[[str, int], bool], max_new_tokens: int = 256, moment: str = "decode",
                        batch_size: int = 8, prefill_chunk: int | None = None, min_cot_tokens: int = 0,
-                       max_problems: int | None = None, require_eos: bool = True, progress: bool = True) -> dict:
+                       max_problems: int | None = None, require_eos: bool = True, reference: dict | None = None,
+                       progress: bool = True) -> dict:
     """Answer accuracy of decode-time eviction on long reasoning, paired per problem (LazyEviction's claim).
 
     ``prompts``: chat-formatted problems (text ready to tokenise without special tokens). ``check(text,
@@ -1558,7 +1565,9 @@ def reasoning_accuracy(model, tokenizer, prompts: Sequence[str], settings: Seque
     unfinished ones too, their length counted as ``max_new_tokens``) and wrote at least
     ``min_cot_tokens`` tokens are kept, the first ``max_problems`` of them in the order given; the evicting runs
     decode only those, batched by the full run's length (the rows of a batch stop together). ``"selection"``
-    counts what was dropped and why.
+    counts what was dropped and why. ``reference``: an earlier result of this function on the same ``prompts``
+    (same selection arguments); its selection and full-cache run are reused instead of decoding the candidates
+    again, so more settings can be added to a finished study.
 
     Returns ``{"selection": {candidates, unfinished, short, kept (indices into prompts)}, "full": {correct, texts,
     cot_tokens, prompt_tokens, accuracy} (over the kept problems), "runs": [{policy, budget, budget_tokens (per
@@ -1596,6 +1605,15 @@ def reasoning_accuracy(model, tokenizer, prompts: Sequence[str], settings: Seque
             done.append(cut < len(row))
         return out, lengths, done
 
+    if reference is not None:
+        sel = reference.get("selection", {})
+        if sel.get("candidates") != n_all or sel.get("min_cot_tokens") != min_cot_tokens or \
+                sel.get("require_eos") != bool(require_eos) or (max_problems is not None and len(sel["kept"]) > max_problems):
+            raise ValueError(f"reference= was computed for {sel.get('candidates')} prompts with min_cot_tokens="
+                             f"{sel.get('min_cot_tokens')}, require_eos={sel.get('require_eos')} ({len(sel.get('kept', []))} "
+                             f"kept), not for these {n_all} with min_cot_tokens={min_cot_tokens}, require_eos={require_eos}, "
+                             f"max_problems={max_problems}: pass the same prompts and selection arguments, or no reference.")
+        cand_batches = []
     cand = {k: [None] * n_all for k in ("correct", "texts", "cot_tokens", "prompt_tokens", "finished")}
     for idx in cand_batches:
         enc = _batch(tokenizer, [prompts[i] for i in idx])
@@ -1608,14 +1626,18 @@ def reasoning_accuracy(model, tokenizer, prompts: Sequence[str], settings: Seque
             cand["correct"][i] = bool(check(texts[k], i))
         bar.update()
     bar.close()
-    eligible = [i for i in range(n_all) if cand["finished"][i] or not require_eos]
-    kept = [i for i in eligible if cand["cot_tokens"][i] >= min_cot_tokens][:max_problems]
-    selection = dict(candidates=n_all, unfinished=n_all - sum(cand["finished"]),
-                     short=sum(cand["cot_tokens"][i] < min_cot_tokens for i in eligible), kept=kept,
-                     min_cot_tokens=int(min_cot_tokens), require_eos=bool(require_eos))
-    n = len(kept)
-    full = {k: [cand[k][i] for i in kept] for k in ("correct", "texts", "cot_tokens", "prompt_tokens")}
-    full["accuracy"] = sum(full["correct"]) / n if n else None
+    if reference is not None:
+        selection, full = reference["selection"], reference["full"]
+        kept, n = selection["kept"], len(selection["kept"])
+    else:
+        eligible = [i for i in range(n_all) if cand["finished"][i] or not require_eos]
+        kept = [i for i in eligible if cand["cot_tokens"][i] >= min_cot_tokens][:max_problems]
+        selection = dict(candidates=n_all, unfinished=n_all - sum(cand["finished"]),
+                         short=sum(cand["cot_tokens"][i] < min_cot_tokens for i in eligible), kept=kept,
+                         min_cot_tokens=int(min_cot_tokens), require_eos=bool(require_eos))
+        n = len(kept)
+        full = {k: [cand[k][i] for i in kept] for k in ("correct", "texts", "cot_tokens", "prompt_tokens")}
+        full["accuracy"] = sum(full["correct"]) / n if n else None
     if not settings or not n:
         return {"selection": selection, "full": full, "runs": []}
     # batches of similar full length (indices into `kept`): the rows of a batch decode until the last one stops
@@ -1636,7 +1658,7 @@ def reasoning_accuracy(model, tokenizer, prompts: Sequence[str], settings: Seque
     runs = []
     for (p, b), per in zip(settings, plans):
         run = dict(policy=p if isinstance(p, str) else p.name, budget=b, budget_tokens=per, free_slots=[None] * n,
-                   correct=[None] * n, texts=[None] * n, cot_tokens=[None] * n)
+                   correct=[None] * n, texts=[None] * n, cot_tokens=[None] * n, first_token_kept=[None] * n)
         for idx, enc in zip(batches, encs):
             g = generate(model, enc.input_ids, attention_mask=enc.attention_mask, policy=p, budget=[per[j] for j in idx],
                          moment=moment, max_new_tokens=max_new_tokens, prefill_chunk=prefill_chunk, eos_token_id=eos)
@@ -1645,6 +1667,7 @@ def reasoning_accuracy(model, tokenizer, prompts: Sequence[str], settings: Seque
                 run["texts"][j], run["cot_tokens"][j] = texts[k], lengths[k]
                 run["correct"][j] = bool(check(texts[k], kept[j]))
                 run["free_slots"][j] = None if g.free_slots is None else g.free_slots[k]
+                run["first_token_kept"][j] = g.first_token_kept[k]
             bar.update()
         run["accuracy"] = sum(run["correct"]) / n
         run["vs_full"] = paired_binary(run["correct"], full["correct"])

@@ -674,7 +674,8 @@ def test_reasoning_accuracy_keeps_only_finished_long_chains(monkeypatch):
         for t in texts:
             stop = stops[t] if policy == "full" else 3
             rows.append([7] * max_new_tokens if stop is None else [7] * stop + [eos] * (max_new_tokens - stop))
-        return SimpleNamespace(tokens=torch.tensor(rows), free_slots=None if policy == "full" else [1] * len(texts))
+        return SimpleNamespace(tokens=torch.tensor(rows), free_slots=None if policy == "full" else [1] * len(texts),
+                               first_token_kept=[1.0] * len(texts))
 
     calls_texts = []
     monkeypatch.setattr(kv, "_batch", fake_batch)
@@ -686,10 +687,37 @@ def test_reasoning_accuracy_keeps_only_finished_long_chains(monkeypatch):
     (run,) = r["runs"]
     assert run["budget_tokens"] == [130] and calls[-1] == ("tova", ["p2"], [130])  # round(0.5 * (10 + 250))
     assert run["correct"] == [True] and run["vs_full"]["n"] == 1
+    # reference=: the same selection and full-cache run, reused; only the new setting decodes (one call, problem 2)
+    n_calls = len(calls)
+    again = kv.reasoning_accuracy(None, Tok(), ["p0", "p1", "p2", "p3"], [("h2o", 0.3)], check=lambda t, i: False,
+                                  max_new_tokens=320, min_cot_tokens=200, max_problems=1, batch_size=4, progress=False,
+                                  reference=r)
+    assert calls[n_calls:] == [("h2o", ["p2"], [78])]  # round(0.3 * (10 + 250)); no full-cache candidate run
+    assert again["selection"] == r["selection"] and again["full"] == r["full"]
+    assert again["runs"][0]["correct"] == [False] and again["runs"][0]["first_token_kept"] == [1.0]
+    with pytest.raises(ValueError, match="reference= was computed for 4 prompts"):
+        kv.reasoning_accuracy(None, Tok(), ["p0", "p1"], [("h2o", 0.3)], check=lambda t, i: False, max_new_tokens=320,
+                              min_cot_tokens=200, max_problems=1, progress=False, reference=r)
     with pytest.raises(ValueError, match="min_cot_tokens=400 leaves no problem"):
         kv.reasoning_accuracy(None, Tok(), ["p0"], [], check=lambda t, i: True, max_new_tokens=320, min_cot_tokens=400)
     with pytest.raises(ValueError, match="max_problems=0"):
         kv.reasoning_accuracy(None, Tok(), ["p0"], [], check=lambda t, i: True, max_problems=0)
+
+
+def test_first_token_kept_follows_the_sink_of_each_padded_row(tiny):
+    """A 40- and a 30-token prompt (the second left-padded by 10), decoded with a 16-token cache: Recency (no sinks)
+    must have evicted each row's first real token in every layer and head (0.0), StreamingLLM (4 sinks) holds it
+    everywhere (1.0), and so does the full cache. A count taken at slot 0 instead of each row's first real token would
+    give 0.0 for the padded row under StreamingLLM."""
+    ids = torch.cat([_ids(40, seed=1), torch.cat([torch.zeros(1, 10, dtype=torch.long), _ids(30, seed=2)], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :10] = 0
+    kept = {}
+    for name in ("recency", "streaming_llm", "full"):
+        g = kv.generate(tiny, ids, attention_mask=mask, policy=name, budget=None if name == "full" else 16,
+                        moment="decode", max_new_tokens=4, prefill_chunk=4)
+        kept[name] = g.first_token_kept
+    assert kept == {"recency": [0.0, 0.0], "streaming_llm": [1.0, 1.0], "full": [1.0, 1.0]}
 
 
 # --------------------------------------------------------------------------- bad input
@@ -854,6 +882,9 @@ def test_notebook_smoke_run(smoke_runs):
     assert lr["selection"]["kept"] == list(range(n)) and len(lr["full"]["correct"]) == n
     assert {(r["policy"], r["budget"]) for r in lr["runs"]} == {(p, b) for p in ["lazy_eviction"] + smoke["lazy_rivals"]
                                                                  for b in smoke["lazy_budgets"]}
+    ls = results["lazy_sinks"]  # the sink diagnosis: plain LazyEviction again, and with sinks at every budget
+    assert len(ls["rerun"]["correct"]) == n and [x["budget"] for x in ls["runs"]] == smoke["lazy_budgets"]
+    assert all(x["first_token_kept"] == [1.0] * n for x in ls["runs"])
     for r in lr["runs"]:
         assert r["budget_tokens"] == [round(r["budget"] * (p + c)) for p, c in zip(lr["full"]["prompt_tokens"],
                                                                                     lr["full"]["cot_tokens"])]
@@ -986,6 +1017,45 @@ def test_committed_long_reasoning_run_is_lazy_evictions_claim_tested():
         assert f"(against the full cache: {kv.verdict_mark(vf)})" in text
 
 
+def test_committed_lazy_sink_diagnosis_is_tested():
+    """Section 6's diagnosis: plain LazyEviction run again at the smaller budget, and LazyEviction with ``lazy_sinks``
+    sinks at every budget, on the same problems. With sinks the first token is held in every layer and head of every
+    problem (the mechanism protects it); every verdict is the one the per-problem outcomes give; the conclusion says it."""
+    import numpy as np
+
+    from pruning_lab.stats import paired_binary
+
+    _, r, _ = _committed()
+    lr, ls, p = r["long_reasoning"], r["lazy_sinks"], r["params"]
+    n = len(lr["full"]["correct"])
+    runs = {(x["policy"], x["budget"]): x for x in lr["runs"]}
+    low = min(p["lazy_budgets"])
+    assert ls["sinks"] == p["lazy_sinks"] >= 1 and ls["rerun"]["budget"] == low
+    assert sorted(x["budget"] for x in ls["runs"]) == sorted(p["lazy_budgets"])
+    rerun = ls["rerun"]
+    assert len(rerun["correct"]) == n and 0 <= min(rerun["first_token_kept"]) and max(rerun["first_token_kept"]) <= 1
+    w = paired_binary(rerun["correct"], runs[("lazy_eviction", low)]["correct"])
+    assert (w["verdict"], w["a_only"], w["b_only"]) == (rerun["vs_first_run"]["verdict"], rerun["vs_first_run"]["a_only"],
+                                                        rerun["vs_first_run"]["b_only"])
+    for x in ls["runs"]:
+        assert x["first_token_kept"] == [1.0] * n  # protected sinks are never evicted
+        assert x["budget_tokens"] == runs[("lazy_eviction", x["budget"])]["budget_tokens"]  # the same budgets
+        assert x["accuracy"] == pytest.approx(np.mean(x["correct"]))
+    by_budget = {x["budget"]: x for x in ls["runs"]}
+    for v in ls["verdicts"]:
+        b = lr["full_again"]["correct"] if v["b"] == "full" else runs[(v["b"], v["budget"])]["correct"]
+        w = paired_binary(by_budget[v["budget"]]["correct"], b)
+        assert (w["verdict"], w["a_only"], w["b_only"]) == (v["verdict"], v["a_only"], v["b_only"]), v
+    assert {(v["b"], v["budget"]) for v in ls["verdicts"]} >= {(b, x) for b in ("full", "lazy_eviction", "streaming_llm")
+                                                               for x in p["lazy_budgets"]}
+    text = " ".join(r["conclusion"].split())
+    lost = 1 - np.mean(rerun["first_token_kept"])
+    assert f"had evicted the prompt's first token in {lost:.0%} of the (layer, KV head) caches" in text
+    for x in ls["runs"]:
+        v = next(v for v in ls["verdicts"] if (v["b"], v["budget"]) == ("lazy_eviction", x["budget"]))
+        assert f"{x['accuracy']:.0%} at {x['budget']:.0%} (against LazyEviction without sinks: {kv.verdict_mark(v)}" in text
+
+
 def test_readme_quotes_the_committed_chapter_4_run():
     root, r, _ = _committed()
     readme = " ".join((root / "README.md").read_text().split())
@@ -1028,6 +1098,21 @@ def test_readme_quotes_the_committed_chapter_4_run():
     limit = r["params"]["lazy_max_new_tokens"]
     loops = sum(c >= limit for c in lruns[("lazy_eviction", low)]["cot_tokens"])
     assert f"{loops} of its {n} CoTs there run to the {limit}-token limit" in readme
+    ls = r["lazy_sinks"]  # the sink diagnosis
+    assert f"the prompt's first token in {1 - np.mean(ls['rerun']['first_token_kept']):.0%} of the (layer, KV head)" in readme
+    assert f"With {ls['sinks']} sinks protected and nothing else changed" in readme
+    full_words = {"within noise": "within noise of the full cache", "B better": "below the full cache", "A better": "above the full cache"}
+    sl_words = {"within noise": "within noise of StreamingLLM", "B better": "below StreamingLLM", "A better": "above StreamingLLM"}
+    for x in ls["runs"]:
+        b = x["budget"]
+        v = {w["b"]: w for w in ls["verdicts"] if w["budget"] == b}
+        plain = {"within noise": "within noise", "A better": "better", "B better": "worse"}[v["lazy_eviction"]["verdict"]]
+        quoted = (f"{x['accuracy']:.0%} at {b:.0%} ({lruns[('lazy_eviction', b)]['accuracy']:.0%} without: {plain}, "
+                  f"p = {v['lazy_eviction']['p_value']:.2g}; {full_words[v['full']['verdict']]}, p = {v['full']['p_value']:.2g}; "
+                  f"{sl_words[v['streaming_llm']['verdict']]}, p = {v['streaming_llm']['p_value']:.2g})")
+        assert quoted in readme, quoted
+    if any(w["verdict"] != "A better" for w in ls["verdicts"] if w["b"] == "lazy_eviction" and w["budget"] == low):
+        assert f"a candidate cause that {n} problems do not show beyond noise" in readme
     heads = r["retrieval_heads"]
     assert f"{heads['heads_over_threshold']} of {heads['total_heads']} query heads are retrieval heads" in readme
     assert f"~{r['params']['context_tokens']:,}-token passages" in readme
