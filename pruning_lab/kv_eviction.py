@@ -1571,7 +1571,8 @@ def reasoning_accuracy(model, tokenizer, prompts: Sequence[str], settings: Seque
 
     Returns ``{"selection": {candidates, unfinished, short, kept (indices into prompts)}, "full": {correct, texts,
     cot_tokens, prompt_tokens, accuracy} (over the kept problems), "runs": [{policy, budget, budget_tokens (per
-    problem), free_slots (per problem), correct, texts, cot_tokens, accuracy, vs_full}]}`` where ``vs_full`` is
+    problem), free_slots (per problem), correct, texts, cot_tokens, first_token_kept (per problem: the share of
+    layer-heads still holding its first token at the end), accuracy, vs_full}]}`` where ``vs_full`` is
     ``stats.paired_binary(run, full)`` (exact McNemar) against the first full-cache run, which decoded the problems
     in other batches (other padding): a long greedy CoT can change with that alone, so put ``("full", 1.0)`` among
     the settings for a reference decoded in the same batches as every evicting run (notebook 04 does, and compares
@@ -1594,7 +1595,6 @@ def reasoning_accuracy(model, tokenizer, prompts: Sequence[str], settings: Seque
     eos = tokenizer.eos_token_id
     n_all = len(prompts)
     cand_batches = [list(range(i, min(n_all, i + batch_size))) for i in range(0, n_all, batch_size)]
-    bar = tqdm(total=len(cand_batches), desc="reasoning: full cache", leave=False, disable=not progress)
 
     def texts_of(tokens):
         out, lengths, done = [], [], []
@@ -1614,6 +1614,7 @@ def reasoning_accuracy(model, tokenizer, prompts: Sequence[str], settings: Seque
                              f"kept), not for these {n_all} with min_cot_tokens={min_cot_tokens}, require_eos={require_eos}, "
                              f"max_problems={max_problems}: pass the same prompts and selection arguments, or no reference.")
         cand_batches = []
+    bar = tqdm(total=len(cand_batches), desc="reasoning: full cache", leave=False, disable=not progress or not cand_batches)
     cand = {k: [None] * n_all for k in ("correct", "texts", "cot_tokens", "prompt_tokens", "finished")}
     for idx in cand_batches:
         enc = _batch(tokenizer, [prompts[i] for i in idx])
