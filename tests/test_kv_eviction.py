@@ -704,6 +704,23 @@ def test_reasoning_accuracy_keeps_only_finished_long_chains(monkeypatch):
         kv.reasoning_accuracy(None, Tok(), ["p0"], [], check=lambda t, i: True, max_problems=0)
 
 
+def test_gather_rows_copies_exactly_what_an_elementwise_gather_would():
+    """``_gather_rows`` copies whole rows through a strided view: on views of longer buffers (the cache's layout),
+    contiguous tensors, several rows mapped from one (``rows``), and 3-D state tensors, it equals torch's gather."""
+    g = torch.Generator().manual_seed(0)
+    for b, h, s, d, cap in [(1, 3, 50, 8, 50), (2, 3, 40, 8, 64), (3, 2, 30, 4, 35)]:
+        t = torch.randn(b, h, cap, d, generator=g)[:, :, :s]
+        idx = torch.stack([torch.randperm(s, generator=g)[:s - 5].sort().values for _ in range(b * h)]).view(b, h, s - 5)
+        want = t.gather(2, idx[..., None].expand(-1, -1, -1, d))
+        assert torch.equal(kv._gather_rows(t, idx, None), want)
+        assert torch.equal(kv._gather_rows(t.contiguous(), idx, None), want)
+        rows = torch.tensor([b - 1, 0, b - 1])
+        heads = torch.arange(h)[None, :, None]
+        assert torch.equal(kv._gather_rows(t, idx[rows], rows), t[rows[:, None, None], heads, idx[rows]])
+        state = t[..., 0]
+        assert torch.equal(kv._gather_rows(state, idx, None), state.gather(2, idx))
+
+
 def test_first_token_kept_follows_the_sink_of_each_padded_row(tiny):
     """A 40- and a 30-token prompt (the second left-padded by 10), decoded with a 16-token cache: Recency (no sinks)
     must have evicted each row's first real token in every layer and head (0.0), StreamingLLM (4 sinks) holds it
