@@ -1038,8 +1038,6 @@ def test_committed_lazy_sink_diagnosis_is_tested():
     """Section 6's diagnosis: plain LazyEviction run again at the smaller budget, and LazyEviction with ``lazy_sinks``
     sinks at every budget, on the same problems. With sinks the first token is held in every layer and head of every
     problem (the mechanism protects it); every verdict is the one the per-problem outcomes give; the conclusion says it."""
-    import numpy as np
-
     from pruning_lab.stats import paired_binary
 
     _, r, _ = _committed()
