@@ -24,7 +24,7 @@ import torch
 import torch.nn.utils.prune  # noqa: F401  (torch.nn.utils.prune.remove below)
 
 SPARSITY = 0.5
-ROUNDS = 3
+ROUNDS = 5
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 

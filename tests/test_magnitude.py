@@ -58,6 +58,22 @@ def test_kept_counts_and_ties_across_tensors_by_hand():
         assert kept.tolist() == [sum(keep_a), sum(keep_b)]  # read from the histograms, not from the masks
 
 
+def test_sparse_nonzero_finds_the_same_positions_as_nonzero_by_hand():
+    # 19 flags: words of eight are [0..7] (flags at 2 and 7), [8..15] (none), then a tail of three (flag at 17)
+    flags = torch.zeros(19, dtype=torch.bool)
+    flags[[2, 7, 17]] = True
+    assert mg._sparse_nonzero(flags).tolist() == [2, 7, 17]
+    assert mg._sparse_nonzero(torch.ones(16, dtype=torch.bool)).tolist() == list(range(16))
+    assert mg._sparse_nonzero(torch.zeros(5, dtype=torch.bool)).tolist() == []
+    assert mg._sparse_nonzero(torch.zeros(0, dtype=torch.bool)).tolist() == []
+    assert mg._sparse_nonzero(flags[3:]).tolist() == [4, 14]  # a view whose words do not start at 8-byte steps
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 8, 9, 64, 1001):
+        for p in (0.0, 0.01, 0.5, 1.0):
+            f = torch.rand(n, generator=g) < p
+            assert torch.equal(mg._sparse_nonzero(f), f.nonzero().view(-1)), (n, p)
+
+
 def _reference_masks(tensors, n_prune):
     """Brute force: a stable sort of every |w| in tensor order, then index order; the first n_prune go."""
     flat = torch.cat([t.detach().float().abs().reshape(-1) for t in tensors])
