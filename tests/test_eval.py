@@ -167,11 +167,33 @@ def test_after_step_runs_every_step(small_data):
     assert len(calls) == 7
 
 
+def test_training_steps_run_on_the_configured_threads_and_restore_torchs(small_data):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        for threads, expect in ((1, 1), (None, 2), (2, 2)):
+            seen.clear()
+            train(make_model("lenet"), small_data, TrainConfig(iterations=3, eval_every=0, threads=threads),
+                  progress=False, after_step=lambda m: seen.append(torch.get_num_threads()))
+            assert seen == [expect] * 3, threads
+            assert torch.get_num_threads() == 2  # restored
+        with pytest.raises(RuntimeError):  # restored when a step fails too
+            train(make_model("lenet"), small_data, TrainConfig(iterations=3, eval_every=0),
+                  progress=False, after_step=lambda m: (_ for _ in ()).throw(RuntimeError("boom")))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_bad_training_config():
     with pytest.raises(ValueError, match="positive"):
         TrainConfig(iterations=0)
     with pytest.raises(ValueError, match="optimizer"):
         TrainConfig(optimizer="lbfgs")
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="threads"):
+            TrainConfig(threads=bad)
 
 
 def test_eval_compares_with_the_one_noise_test_of_stats():
