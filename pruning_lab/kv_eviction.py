@@ -543,8 +543,9 @@ class EvictingLayer(DynamicLayer):
         """Append along the slots without copying the cache at every step: the four tensors are views of
         buffers written in place while they have room. A buffer holds ``capacity`` slots when the cache
         set one (decode-time eviction: the largest row budget, so memory never exceeds the budget), else
-        ``SPARE`` more than needed. Tensors assigned from outside (an eviction, a shared prefill) are never
-        written to: the first append copies them."""
+        ``SPARE`` more than needed. Tensors assigned from outside (a shared prefill, a compressed copy) are
+        never written to: the first append copies them. An eviction during decoding gathers the kept slots
+        into new buffers of ``capacity`` slots (``_select``) and registers them here, so it is not copied again."""
         new = (key_states, value_states, pos, valid)
         cur = (self.keys, self.values, self.positions, self.valid)
         n, q = cur[0].shape[-2], key_states.shape[-2]
@@ -582,27 +583,31 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def group_attention(queries: torch.Tensor, query_pos: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor,
-                    valid: torch.Tensor, sum_queries: bool = False) -> torch.Tensor:
+                    valid: torch.Tensor, sum_queries: bool = False, newest: bool = False) -> torch.Tensor:
     """softmax(q·kᵀ/√d) of each buffered query over the cached keys, causal by full-sequence position,
     padding masked, averaged over the query heads that share a KV head: (B, H_kv, Q, S).
     ``sum_queries=True`` returns its sum over the queries instead, as one row (B, H_kv, 1, S).
 
     The slots no query can see yet (positions after the last query) form a tail of every row (kept slots
     are in sequence order after the invalid ones): it is cut before the matmul and comes back as zeros,
-    and the causal mask is applied only where some query can see a key that another cannot."""
+    and the causal mask is applied only where some query can see a key that another cannot.
+    ``newest=True`` says the one query is the newest token (decoding): it sees every key, so with no padding
+    slot nothing is masked and the masks are not built (the same numbers, fewer operations)."""
     b, hq, q, d = queries.shape
     s, hkv = keys.shape[-2], keys.shape[1]
     g = hq // hkv
-    n = int((key_pos <= query_pos[-1]).sum(-1).max())  # slots some query can see: a prefix of every row
+    plain = newest and q == 1 and bool(valid.all())  # every key visible, none masked
+    n = s if plain else int((key_pos <= query_pos[-1]).sum(-1).max())  # slots some query can see: a prefix of every row
     keys, key_pos, valid = keys[:, :, :n], key_pos[..., :n], valid[..., :n]
     # one batched matmul per KV head over its g query heads (scaled queries: no pass over the scores)
     scaled = queries.float().reshape(b, hkv, g * q, d) * (1 / math.sqrt(d))
     logits = torch.matmul(scaled, keys.float().transpose(-1, -2)).view(b, hkv, g, q, n)
-    m = 0 if not bool(valid.all()) else int((key_pos < query_pos[0]).sum(-1).min())  # all queries see [0, m)
-    allowed = (key_pos[:, :, None, m:] <= query_pos[None, None, :, None]) & valid[:, :, None, m:]  # (B, H, Q, n-m)
-    logits[..., m:].masked_fill_(~allowed[:, :, None], -math.inf)
+    if not plain:
+        m = 0 if not bool(valid.all()) else int((key_pos < query_pos[0]).sum(-1).min())  # all queries see [0, m)
+        allowed = (key_pos[:, :, None, m:] <= query_pos[None, None, :, None]) & valid[:, :, None, m:]  # (B, H, Q, n-m)
+        logits[..., m:].masked_fill_(~allowed[:, :, None], -math.inf)
     probs = torch.softmax(logits, -1)
-    if bool(torch.isnan(probs[..., 0]).any()):  # a query (a padding slot) that sees no key at all: NaN row
+    if not plain and bool(torch.isnan(probs[..., 0]).any()):  # a query (a padding slot) that sees no key: NaN row
         probs = probs.nan_to_num_(0.0)
     if sum_queries:  # a matmul with ones: the sum over g·q rows without a slow middle-dimension reduction
         out = torch.matmul(probs.new_full((1, g * q), 1.0 / g), probs.view(b, hkv, g * q, n))
@@ -614,8 +619,9 @@ def group_attention(queries: torch.Tensor, query_pos: torch.Tensor, keys: torch.
     return F.pad(out, (0, s - n)) if n < s else out
 
 
-def _gather_rows(t: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    """``t`` (B, H, S, ...) gathered at slot indices ``idx`` (B', H, T) of storage rows ``rows`` (B',)."""
+def _gather_rows(t: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor | None, bases: dict | None = None) -> torch.Tensor:
+    """``t`` (B, H, S, ...) gathered at slot indices ``idx`` (B', H, T) of storage rows ``rows`` (B',).
+    ``bases``: a dict in which calls over tensors of one layout share their row offsets."""
     if t.ndim == 4 and t.stride(3) == 1 and t.stride(2) == t.shape[3] and t.stride(1) % t.shape[3] == 0 \
             and t.stride(0) % t.shape[3] == 0:
         # keys/values: each slot is one contiguous row of D numbers (also in a view of a longer buffer), so the
@@ -624,9 +630,14 @@ def _gather_rows(t: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor | None) 
         b, h, s, d = t.shape
         rb, rh = t.stride(0) // d, t.stride(1) // d
         flat = t.as_strided(((b - 1) * rb + (h - 1) * rh + s, d), (d, 1))
-        src = torch.arange(idx.shape[0], device=t.device) if rows is None else rows
-        off = (src * rb)[:, None, None] + (torch.arange(h, device=t.device) * rh)[None, :, None] + idx
-        return flat.index_select(0, off.reshape(-1)).view(*idx.shape, d)
+        key = (idx.shape[0], h, rb, rh)
+        base = None if bases is None else bases.get(key)
+        if base is None:
+            src = torch.arange(idx.shape[0], device=t.device) if rows is None else rows
+            base = (src * rb)[:, None, None] + (torch.arange(h, device=t.device) * rh)[None, :, None]
+            if bases is not None:
+                bases[key] = base
+        return flat.index_select(0, (base + idx).reshape(-1)).view(*idx.shape, d)
     if rows is None:
         if t.ndim == 4:
             return t.gather(2, idx[..., None].expand(-1, -1, -1, t.shape[-1])).contiguous()
@@ -677,13 +688,15 @@ class EvictingCache(Cache):
         if p.observes:
             for a in range(layer.observed, total, chunk):
                 qs, qp = layer.queries[:, :, a:a + chunk], layer.query_pos[a:a + chunk]
-                attn = group_attention(qs, qp, layer.keys, layer.positions, layer.valid, sum_queries=p.observes_sum)
+                attn = group_attention(qs, qp, layer.keys, layer.positions, layer.valid, sum_queries=p.observes_sum,
+                                       newest=a + 1 == total and int(qp[-1]) == layer.seen - 1)
                 p.observe(layer.state, attn, layer.positions, qp, layer.valid)
         attn = None
         if p.queries > 0:
             need = min(p.queries, total)
             attn = group_attention(layer.queries[:, :, total - need:], layer.query_pos[total - need:],
-                                   layer.keys, layer.positions, layer.valid)
+                                   layer.keys, layer.positions, layer.valid,
+                                   newest=need == 1 and int(layer.query_pos[-1]) == layer.seen - 1)
         keep = min(p.queries, total)  # the buffer keeps what the next scoring may need again
         layer.queries = layer.queries[:, :, total - keep:] if keep else None
         layer.query_pos = layer.query_pos[total - keep:] if keep else None
@@ -750,10 +763,29 @@ class EvictingCache(Cache):
         if not p.per_head:
             idx, alive = idx.expand(L, B, H, total), alive.expand(L, B, H, total)
         new_pos = pos.gather(-1, idx)
+        # decoding: the kept slots are gathered straight into buffers with room for the next tokens (the gather
+        # index padded with copies of its last slot), so the next appends write in place instead of copying the
+        # whole cache once more (EvictingLayer._append)
+        cap = dst[0].capacity
+        if rows is not None or not total or not cap or cap <= total or any(d.capacity != cap for d in dst):
+            cap = None
+        if cap is not None:
+            gather_idx = torch.cat([idx, idx[..., -1:].expand(L, B, H, cap - total)], -1)
+            pos_bufs, valid_bufs = new_pos.new_zeros(L, B, H, cap), alive.new_zeros(L, B, H, cap)
+            pos_bufs[..., :total], valid_bufs[..., :total] = new_pos, alive
+        else:
+            gather_idx = idx
+        bases = {}
         for i, (s_layer, d_layer) in enumerate(zip(src, dst)):
-            d_layer.keys = _gather_rows(s_layer.keys, idx[i], rows)
-            d_layer.values = _gather_rows(s_layer.values, idx[i], rows)
-            d_layer.positions, d_layer.valid = new_pos[i], alive[i]
+            keys = _gather_rows(s_layer.keys, gather_idx[i], rows, bases)
+            values = _gather_rows(s_layer.values, gather_idx[i], rows, bases)
+            if cap is not None:
+                d_layer._bufs, d_layer._capacity = [keys, values, pos_bufs[i], valid_bufs[i]], cap
+                d_layer.keys, d_layer.values, d_layer.positions, d_layer.valid = d_layer._views = tuple(
+                    buf[:, :, :total] for buf in d_layer._bufs)
+            else:
+                d_layer.keys, d_layer.values = keys, values
+                d_layer.positions, d_layer.valid = new_pos[i], alive[i]
             d_layer.state = {k: (_gather_rows(v, idx[i], rows) if torch.is_tensor(v) and v.ndim == 3 else v)
                              for k, v in s_layer.state.items()}
             d_layer.seen, d_layer.is_initialized = s_layer.seen, True

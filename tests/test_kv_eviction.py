@@ -430,6 +430,25 @@ def test_group_attention_of_an_early_chunk_and_its_query_sum():
     assert summed.shape == (2, 2, 1, 10) and torch.allclose(summed[:, :, 0], full.sum(2), atol=1e-6)
 
 
+def test_group_attention_of_the_newest_query_builds_no_mask_and_gives_the_same_numbers():
+    # one query at position 9 over keys 0..9 (a decoding step): every key is visible, so newest=True skips the
+    # masks; the numbers are bitwise those of the general path, also for a padded batch (which takes the general
+    # path) and for the summed form
+    torch.manual_seed(2)
+    q, k = torch.randn(2, 6, 1, 8), torch.randn(2, 2, 10, 8)
+    qpos, kpos = torch.tensor([9]), torch.arange(10)[None, None].expand(2, 2, 10)
+    full = torch.softmax(q @ k.repeat_interleave(3, 1).transpose(-1, -2) / math.sqrt(8), -1).view(2, 2, 3, 1, 10).mean(2)
+    padded = torch.ones(2, 2, 10, dtype=torch.bool)
+    padded[1, :, :3] = False
+    for valid in (torch.ones(2, 2, 10, dtype=torch.bool), padded):
+        for summed in (False, True):
+            fast = kv.group_attention(q, qpos, k, kpos, valid, sum_queries=summed, newest=True)
+            assert torch.equal(fast, kv.group_attention(q, qpos, k, kpos, valid, sum_queries=summed))
+    assert torch.allclose(kv.group_attention(q, qpos, k, kpos, torch.ones(2, 2, 10, dtype=torch.bool), newest=True),
+                          full, atol=1e-6)
+    assert kv.group_attention(q, qpos, k, kpos, padded, newest=True)[1, :, :, :3].abs().max() == 0
+
+
 def _padded(*rows):
     n = max(r.shape[1] for r in rows)
     batch = torch.cat([torch.cat([torch.zeros(1, n - r.shape[1], dtype=torch.long), r], 1) for r in rows])
@@ -719,6 +738,42 @@ def test_gather_rows_copies_exactly_what_an_elementwise_gather_would():
         assert torch.equal(kv._gather_rows(t, idx[rows], rows), t[rows[:, None, None], heads, idx[rows]])
         state = t[..., 0]
         assert torch.equal(kv._gather_rows(state, idx, None), state.gather(2, idx))
+        bases = {}  # calls over one layout share their row offsets: the second call reuses the first's
+        assert torch.equal(kv._gather_rows(t, idx, None, bases), want) and len(bases) == 1
+        assert torch.equal(kv._gather_rows(t, idx.flip(-1), None, bases), want.flip(-2)) and len(bases) == 1
+
+
+def test_decoding_appends_in_place_after_an_eviction_and_decodes_the_same(tiny, monkeypatch):
+    """After an eviction at decode time the kept slots sit in buffers with room for the next tokens, so the next
+    steps append in place (the cache is not copied again); the tokens and log-probabilities equal those of
+    decoding with the eviction's output copied into new buffers at the next append (the layout before)."""
+    ids = torch.cat([_ids(40, seed=1), _ids(40, seed=2)])
+    force = _ids(12, seed=3, batch=2)
+    for policy in (kv.H2O(), kv.TOVA(), kv.LazyEviction(observation_window=4)):
+        appends = []
+        orig_append = kv.EvictingLayer._append
+
+        def counting(self, *a, _orig=orig_append):
+            fresh = self._views is None or self.keys is not self._views[0] or \
+                self.keys.shape[-2] + a[0].shape[-2] > self._capacity
+            appends.append(fresh)
+            return _orig(self, *a)
+
+        monkeypatch.setattr(kv.EvictingLayer, "_append", counting)
+        g = kv.generate(tiny, ids, policy=policy, budget=24, moment="decode", force=force, prefill_chunk=8)
+        monkeypatch.undo()
+        assert g.evictions > 0 and appends and not any(appends[len(appends) // 2:]), policy  # decoding: in place
+        orig_select = kv.EvictingCache._select
+
+        def unbuffered(self, src, dst, *a, **k):  # no capacity: the eviction's output is copied at the next append
+            for layer in dst:
+                layer.capacity = None
+            return orig_select(self, src, dst, *a, **k)
+
+        monkeypatch.setattr(kv.EvictingCache, "_select", unbuffered)
+        ref = kv.generate(tiny, ids, policy=policy, budget=24, moment="decode", force=force, prefill_chunk=8)
+        monkeypatch.undo()
+        assert torch.equal(g.tokens, ref.tokens) and torch.equal(g.logprobs, ref.logprobs), policy
 
 
 def test_first_token_kept_follows_the_sink_of_each_padded_row(tiny):
