@@ -6,13 +6,13 @@ re-applies their masks there, so pruned weights stay exactly zero even under Ada
 
 Threads. A LeNet step at batch 60 is a few small matmuls. Split over torch's intra-op threads, each ends
 in a barrier that waits for the slowest thread, and on a laptop where another process wants a core that
-thread is often parked: beside one busy process an epoch took 28x its idle time with 2 threads
-(``benchmarks/bench_train_loop.py``). So ``train`` runs its steps with ``TrainConfig.threads`` intra-op
-threads (default 1, chosen for these op sizes; ``None`` keeps torch's count, for bigger nets on idle
-cores) and restores torch's count on exit. The count changes the trained weights in their last bits; one
-thread gives the same weights whatever the machine's core count (its instruction set can still change the
-last bits). Lottery runs always train on one thread (chapter 2 set the whole process to one thread before),
-so their hashes and cached levels stay valid.
+thread is often parked: beside one busy process an epoch took 3.4x to 28x its idle time with 2 threads,
+depending on the run, and 1.05x with one (``benchmarks/bench_train_loop.py``). So ``train`` runs its steps
+with ``TrainConfig.threads`` intra-op threads (default 1, chosen for these op sizes; ``None`` keeps torch's
+count, for bigger nets on idle cores) and restores torch's count on exit. The count changes the trained
+weights in their last bits; one thread gives the same weights whatever the machine's core count (its
+instruction set can still change the last bits). Lottery runs always train on one thread (chapter 2 set
+the whole process to one thread before), so their hashes and cached levels stay valid.
 """
 
 from __future__ import annotations
