@@ -685,18 +685,19 @@ class EvictingCache(Cache):
         if layer.queries is None:
             return None
         total = layer.queries.shape[2]
+        latest = int(layer.query_pos[-1]) == layer.seen - 1  # the last buffered query is the newest token
         if p.observes:
             for a in range(layer.observed, total, chunk):
                 qs, qp = layer.queries[:, :, a:a + chunk], layer.query_pos[a:a + chunk]
                 attn = group_attention(qs, qp, layer.keys, layer.positions, layer.valid, sum_queries=p.observes_sum,
-                                       newest=a + 1 == total and int(qp[-1]) == layer.seen - 1)
+                                       newest=latest and a + 1 == total)
                 p.observe(layer.state, attn, layer.positions, qp, layer.valid)
         attn = None
         if p.queries > 0:
             need = min(p.queries, total)
             attn = group_attention(layer.queries[:, :, total - need:], layer.query_pos[total - need:],
                                    layer.keys, layer.positions, layer.valid,
-                                   newest=need == 1 and int(layer.query_pos[-1]) == layer.seen - 1)
+                                   newest=latest and need == 1)
         keep = min(p.queries, total)  # the buffer keeps what the next scoring may need again
         layer.queries = layer.queries[:, :, total - keep:] if keep else None
         layer.query_pos = layer.query_pos[total - keep:] if keep else None

@@ -31,7 +31,7 @@ from torch import nn
 from .eval import accuracy
 from .masks import (PRUNABLE_TYPES, Include, Masks, _check_masks, apply_masks, keep_masked,  # noqa: F401 (re-exported)
                     plot_sparsity, prunable_parameters, random_masks, sparsity, sparsity_report)
-from .train import train
+from .train import intra_op_threads, train
 
 # --------------------------------------------------------------------------- which weights
 
@@ -49,9 +49,9 @@ def _check_sparsity(sparsity: float) -> None:
 # every weight; the bucket holding the k-th value is then resolved by a histogram of the low 16 bits
 # of that bucket's few members. Each tensor costs five whole-tensor operations: its high bits, their
 # histogram (``bincount`` reads int16 as it is, after scanning its min and max), then ``hi > hb`` (the mask)
-# and ``hi == hb`` (the bucket's members, found eight flags at a time by ``_sparse_nonzero``). The bucket is resolved once for all tensors (ties at the k-th
-# value ranked by one cumsum), and how many weights each mask keeps is read from the histograms, not
-# from another pass over the masks. A tensor's high bits are freed as soon as its mask is built.
+# and ``hi == hb`` (the bucket's members, found eight flags at a time by ``_sparse_nonzero``). The bucket
+# is resolved once for all tensors (ties at the k-th value ranked by one cumsum), and how many weights each
+# mask keeps is read from the histograms, not from another pass over the masks. A tensor's high bits are freed as soon as its mask is built.
 #
 # Threads. On a laptop something else always wants a core. Many short parallel regions (one per op and
 # per layer, each ending in a barrier) then wait for a thread the scheduler has parked: 210 layers took
@@ -69,18 +69,14 @@ def _tensor_workers():
     if n <= 1:
         yield lambda fn, items: [fn(x) for x in items]
         return
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=n, thread_name_prefix="pruning_lab-masks") as pool:
-            def pmap(fn, items):
-                items = list(items)
-                if len(items) < 2 or any(_is_cuda(x) for x in items[:1]):
-                    return [fn(x) for x in items]
-                return list(pool.map(fn, items))
+    with intra_op_threads(1), ThreadPoolExecutor(max_workers=n, thread_name_prefix="pruning_lab-masks") as pool:
+        def pmap(fn, items):
+            items = list(items)
+            if len(items) < 2 or any(_is_cuda(x) for x in items[:1]):
+                return [fn(x) for x in items]
+            return list(pool.map(fn, items))
 
-            yield pmap
-    finally:
-        torch.set_num_threads(n)
+        yield pmap
 
 
 def _is_cuda(x) -> bool:
