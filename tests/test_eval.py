@@ -100,6 +100,17 @@ def test_tokens_per_second_measures_both_phases():
     assert speed["prefill_tokens_per_s"] > 0 and speed["decode_tokens_per_s"] > 0
 
 
+def test_tokens_per_second_prefills_as_generate_does_with_the_last_logits_only():
+    model, seen = tiny_llama(), []
+    handle = model.lm_head.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        ev.tokens_per_second(model, prompt_len=16, new_tokens=3, batch_size=2, repeats=2)
+    finally:
+        handle.remove()
+    # warm-up, then per repeat one prefill and 3 decode steps: the output layer always sees one position per row
+    assert len(seen) == 1 + 2 * (1 + 3) and set(seen) == {(2, 1, model.config.hidden_size)}
+
+
 def test_lm_comparison_times_each_shape_once_right_after_the_dense_model():
     dense = tiny_llama()
     ids = torch.randint(0, dense.config.vocab_size, (64,), generator=torch.Generator().manual_seed(0))
