@@ -17,7 +17,9 @@ Pieces:
 
 - ``EvictingCache`` is a ``transformers`` ``Cache`` whose layers (``EvictingLayer``) count the tokens
   they have seen, remember the full-sequence position of every kept slot, and store only compact
-  tensors. It plugs into ``model.generate(..., past_key_values=cache)`` and into a manual decode loop.
+  tensors (decoding: buffers of the budget's size that new tokens are appended to in place; a token
+  evicted alone, as at every step of H2O, TOVA and StreamingLLM, is overwritten by the newest slot
+  instead of gathering the whole cache again). It plugs into ``model.generate(..., past_key_values=cache)`` and into a manual decode loop.
 - ``evicting(model, policy, budget, moment)`` is the context manager that creates the cache and the
   hooks: the query of every layer (rotated like the keys) is captured from ``q_proj`` and the rotary
   ``position_embeddings``, so the attention a policy needs is computed from the current queries and
@@ -589,7 +591,9 @@ def group_attention(queries: torch.Tensor, query_pos: torch.Tensor, keys: torch.
     ``sum_queries=True`` returns its sum over the queries instead, as one row (B, H_kv, 1, S).
 
     The slots no query can see yet (positions after the last query) form a tail of every row (kept slots
-    are in sequence order after the invalid ones): it is cut before the matmul and comes back as zeros,
+    are in sequence order after the invalid ones whenever several queries are scored: ``_swap_out``, which
+    permutes slots, runs only for policies that score the newest query alone, which sees every slot): it is
+    cut before the matmul and comes back as zeros,
     and the causal mask is applied only where some query can see a key that another cannot.
     ``newest=True`` says the one query is the newest token (decoding): it sees every key, so with no padding
     slot nothing is masked and the masks are not built (the same numbers, fewer operations)."""
@@ -619,9 +623,11 @@ def group_attention(queries: torch.Tensor, query_pos: torch.Tensor, keys: torch.
     return F.pad(out, (0, s - n)) if n < s else out
 
 
-def _gather_rows(t: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor | None, bases: dict | None = None) -> torch.Tensor:
+def _gather_rows(t: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor | None, bases: dict | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """``t`` (B, H, S, ...) gathered at slot indices ``idx`` (B', H, T) of storage rows ``rows`` (B',).
-    ``bases``: a dict in which calls over tensors of one layout share their row offsets."""
+    ``bases``: a dict in which calls over tensors of one layout share their row offsets. ``out``: a contiguous
+    tensor of the result's shape to write it into (returned)."""
     if t.ndim == 4 and t.stride(3) == 1 and t.stride(2) == t.shape[3] and t.stride(1) % t.shape[3] == 0 \
             and t.stride(0) % t.shape[3] == 0:
         # keys/values: each slot is one contiguous row of D numbers (also in a view of a longer buffer), so the
@@ -637,13 +643,19 @@ def _gather_rows(t: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor | None, 
             base = (src * rb)[:, None, None] + (torch.arange(h, device=t.device) * rh)[None, :, None]
             if bases is not None:
                 bases[key] = base
+        if out is not None:
+            torch.index_select(flat, 0, (base + idx).reshape(-1), out=out.view(-1, d))
+            return out
         return flat.index_select(0, (base + idx).reshape(-1)).view(*idx.shape, d)
     if rows is None:
         if t.ndim == 4:
-            return t.gather(2, idx[..., None].expand(-1, -1, -1, t.shape[-1])).contiguous()
-        return t.gather(2, idx)
-    heads = torch.arange(t.shape[1], device=t.device)
-    return t[rows[:, None, None], heads[None, :, None], idx].contiguous()
+            got = t.gather(2, idx[..., None].expand(-1, -1, -1, t.shape[-1]))
+        else:
+            got = t.gather(2, idx)
+    else:
+        heads = torch.arange(t.shape[1], device=t.device)
+        got = t[rows[:, None, None], heads[None, :, None], idx]
+    return got.contiguous() if out is None else out.copy_(got)
 
 
 class EvictingCache(Cache):
@@ -660,6 +672,7 @@ class EvictingCache(Cache):
         self.events: list[dict] = []  # one per eviction: tokens seen, kept (if record: positions per layer)
         self.evictions = 0  # tokens evicted, summed over layers and rows (per KV head)
         self.scoring_seconds = 0.0
+        self._stack: tuple | None = None  # decoding: every layer's buffers as slices of four stacked tensors
         if moment == "decode" and budget is not None and not policy.keeps_everything:
             cap = budget if isinstance(budget, int) else max(budget)
             for layer in self.layers:
@@ -724,12 +737,17 @@ class EvictingCache(Cache):
         its own queries and keys), or precomputed as (L, B, H, S); protection, the top-k and the sort run
         once over all layers stacked. ``rows`` (B',) maps output rows to storage rows (several draws of one
         prompt). Slots a row does not use (its budget is below the batch's largest) stay, marked invalid,
-        at the front like padding; kept slots follow in sequence order."""
+        at the front like padding; kept slots follow in sequence order — except after ``_swap_out``, which
+        evicts one token per row while decoding by moving the newest slot into its place."""
         p = self.policy
         if scores is None:
             scores = torch.stack([p.score(layer.state, self._observe(layer), layer.positions).float() for layer in src])
-        pos = torch.stack([layer.positions for layer in src])  # (L, B, H, S)
-        valid = torch.stack([layer.valid for layer in src])
+        n = self._swappable(src, dst, rows)
+        if n:  # the layers' positions and valid flags are slices of the stacked buffers: no stacking
+            pos, valid = self._stack[2][..., :n], self._stack[3][..., :n]
+        else:
+            pos = torch.stack([layer.positions for layer in src])  # (L, B, H, S)
+            valid = torch.stack([layer.valid for layer in src])
         if rows is not None:
             pos, valid = pos[:, rows], valid[:, rows]
             if scores.shape[1] != len(rows):
@@ -752,6 +770,9 @@ class EvictingCache(Cache):
         score = torch.where(protect, math.inf, scores.float())
         # invalid slots: lowest of all, below every real token (-inf is taken by nothing else)
         score = torch.where(valid_h, score.nan_to_num(neginf=-1e30), -math.inf)
+        if n and bool((keep == n - 1).all()) and bool(valid.all()):
+            self._swap_out(dst, score, pos_h, n)
+            return
         total = int(keep.max())
         # by score, highest first; ties go to the more recent token, whatever the slots' layout (a row alone
         # and the same row in a padded batch choose alike): a stable sort of the slots ordered newest first
@@ -774,14 +795,21 @@ class EvictingCache(Cache):
             gather_idx = torch.cat([idx, idx[..., -1:].expand(L, B, H, cap - total)], -1)
             pos_bufs, valid_bufs = new_pos.new_zeros(L, B, H, cap), alive.new_zeros(L, B, H, cap)
             pos_bufs[..., :total], valid_bufs[..., :total] = new_pos, alive
+            k0, v0 = src[0].keys, src[0].values
+            key_bufs = k0.new_empty(L, B, H, cap, k0.shape[-1])  # one tensor for all layers (see _swap_out)
+            value_bufs = v0.new_empty(L, B, H, cap, v0.shape[-1])
+            self._stack = (key_bufs, value_bufs, pos_bufs, valid_bufs, [])
         else:
             gather_idx = idx
+            self._stack = None if dst is self.layers else self._stack
         bases = {}
         for i, (s_layer, d_layer) in enumerate(zip(src, dst)):
-            keys = _gather_rows(s_layer.keys, gather_idx[i], rows, bases)
-            values = _gather_rows(s_layer.values, gather_idx[i], rows, bases)
+            out_k, out_v = (self._stack[0][i], self._stack[1][i]) if cap is not None else (None, None)
+            keys = _gather_rows(s_layer.keys, gather_idx[i], rows, bases, out=out_k)
+            values = _gather_rows(s_layer.values, gather_idx[i], rows, bases, out=out_v)
             if cap is not None:
                 d_layer._bufs, d_layer._capacity = [keys, values, pos_bufs[i], valid_bufs[i]], cap
+                self._stack[4].append(d_layer._bufs)
                 d_layer.keys, d_layer.values, d_layer.positions, d_layer.valid = d_layer._views = tuple(
                     buf[:, :, :total] for buf in d_layer._bufs)
             else:
@@ -792,6 +820,43 @@ class EvictingCache(Cache):
             d_layer.seen, d_layer.is_initialized = s_layer.seen, True
             if d_layer is not s_layer:
                 d_layer.dtype, d_layer.device = s_layer.dtype, s_layer.device
+
+    def _swappable(self, src: list[EvictingLayer], dst: list[EvictingLayer], rows) -> int:
+        """The slot count of every layer when this eviction may use ``_swap_out`` (else 0): decoding with the
+        layers' slots in the stacked buffers of the last gather, appended in place since, their policy
+        deterministic and scoring at most the newest query (so its attention never relies on the slots' order),
+        and every per-slot statistic covering every slot."""
+        st, p = self._stack, self.policy
+        if st is None or rows is not None or src is not dst or dst is not self.layers or p.stochastic \
+                or p.queries > 1:
+            return 0
+        n = dst[0].kept()
+        for layer, bufs in zip(dst, st[4]):
+            if layer._bufs is not bufs or layer._views is None or layer.kept() != n \
+                    or any(a is not b for a, b in zip((layer.keys, layer.values, layer.positions, layer.valid),
+                                                      layer._views)) \
+                    or any(torch.is_tensor(v) and v.ndim == 3 and v.shape[-1] != n for v in layer.state.values()):
+                return 0
+        return n if n >= 2 else 0
+
+    def _swap_out(self, dst: list[EvictingLayer], score: torch.Tensor, pos: torch.Tensor, n: int) -> None:
+        """Evict one token per (layer, row, KV head) — the lowest score, the oldest among equals, the token the
+        sort in ``_select`` drops — by moving the newest slot into its place: five small copies over all layers
+        instead of gathering every kept slot again. The kept set is the same; the slots are no longer in
+        sequence order, which the attention of one new query does not depend on (``_swappable``)."""
+        low = score.amin(-1, keepdim=True)
+        j = torch.where(score == low, pos, torch.iinfo(pos.dtype).max).argmin(-1, keepdim=True)  # (L, B, H', 1)
+        keys, values, positions, valid, per_layer = self._stack
+        L, B, H = positions.shape[:3]
+        j = j.expand(L, B, H, 1)
+        for t in (keys, values):
+            t.scatter_(3, j[..., None].expand(L, B, H, 1, t.shape[-1]), t[:, :, :, n - 1:n].clone())
+        for t in (positions, valid):
+            t.scatter_(3, j, t[..., n - 1:n].clone())
+        for i, (layer, bufs) in enumerate(zip(dst, per_layer)):
+            layer.keys, layer.values, layer.positions, layer.valid = layer._views = tuple(b[:, :, :n - 1] for b in bufs)
+            layer.state = {k: (v.scatter(-1, j[i], v[..., n - 1:n])[..., :n - 1]
+                               if torch.is_tensor(v) and v.ndim == 3 else v) for k, v in layer.state.items()}
 
     def before_forward(self, q_len: int, batch: int, attention_mask: torch.Tensor | None):
         """Called before every forward of the model: evict if this moment and budget say so, then return

@@ -386,10 +386,12 @@ def test_kv_memory_really_shrinks(tiny):
     _feed(tiny, ids, full, prompt=32)
     with kv.evicting(tiny, "h2o", 16, "decode") as cache:
         _feed(tiny, ids, cache, prompt=16)
+    storages = {}  # every byte the cache's keys and values hold, buffers included (all layers may share one)
     for layer in cache.layers:
         assert layer.keys.shape[-2] <= 16 and layer.values.shape[-2] <= 16
-        assert layer.keys.is_contiguous() and layer.keys.untyped_storage().nbytes() == layer.keys.numel() * 4
-    assert cache_bytes(cache) <= cache_bytes(full) * 16 / 64
+        for t in (layer.keys, layer.values):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    assert sum(storages.values()) == cache_bytes(cache) <= cache_bytes(full) * 16 / 64
     assert cache.get_seq_length() == 64  # positions keep counting the tokens seen
 
 
@@ -522,8 +524,13 @@ def test_appending_in_place_keeps_what_concatenating_keeps(tiny, moment, monkeyp
     monkeypatch.setattr(kv.EvictingLayer, "_append", _cat_append)
     plain = runs()
     assert len(fast) == len(plain) >= 8
+    def in_order(kept, valid):  # the swap path (decoding, one token evicted per step) permutes the slots
+        order = torch.where(valid, kept, -1).argsort(dim=-1, stable=True)
+        return kept.gather(-1, order), valid.gather(-1, order)
+
     for x, y in zip(fast, plain):
-        assert x[:2] == y[:2] and torch.equal(x[2], y[2]) and torch.equal(x[3], y[3]) and torch.equal(x[4], y[4])
+        (kx, vx), (ky, vy) = in_order(x[3], x[4]), in_order(y[3], y[4])
+        assert x[:2] == y[:2] and torch.equal(x[2], y[2]) and torch.equal(kx, ky) and torch.equal(vx, vy)
         assert x[5] == y[5], x[:2]
     with kv.evicting(tiny, "tova", 12, "decode") as cache:  # decode-time: never more storage than the budget
         _feed(tiny, _ids(30), cache, prompt=8)
@@ -746,7 +753,8 @@ def test_gather_rows_copies_exactly_what_an_elementwise_gather_would():
 def test_decoding_appends_in_place_after_an_eviction_and_decodes_the_same(tiny, monkeypatch):
     """After an eviction at decode time the kept slots sit in buffers with room for the next tokens, so the next
     steps append in place (the cache is not copied again); the tokens and log-probabilities equal those of
-    decoding with the eviction's output copied into new buffers at the next append (the layout before)."""
+    decoding with the eviction's output copied into new buffers at the next append (the layout before), the
+    log-probabilities up to the order of the attention's sums."""
     ids = torch.cat([_ids(40, seed=1), _ids(40, seed=2)])
     force = _ids(12, seed=3, batch=2)
     for policy in (kv.H2O(), kv.TOVA(), kv.LazyEviction(observation_window=4)):
@@ -772,7 +780,67 @@ def test_decoding_appends_in_place_after_an_eviction_and_decodes_the_same(tiny, 
         monkeypatch.setattr(kv.EvictingCache, "_select", unbuffered)
         ref = kv.generate(tiny, ids, policy=policy, budget=24, moment="decode", force=force, prefill_chunk=8)
         monkeypatch.undo()
-        assert torch.equal(g.tokens, ref.tokens) and torch.equal(g.logprobs, ref.logprobs), policy
+        # the same tokens; log-probabilities equal up to the order of the attention's sums (after the swaps of
+        # _swap_out the slots are not in sequence order: test_swapping_decodes_like_gathering)
+        assert torch.equal(g.tokens, ref.tokens), policy
+        torch.testing.assert_close(g.logprobs, ref.logprobs, rtol=0, atol=1e-5)
+
+
+def test_swap_out_by_hand():
+    """One layer, one row, two KV heads, 5 slots (positions 0-4, stacked buffers as after a decode-time gather):
+    head 0's lowest score is shared by positions 1 and 3 (the oldest, 1, goes: the sort's tie rule), head 1's lowest
+    is the newest slot itself (it goes and nothing moves). The newest slot moves into the hole; the per-slot
+    statistic moves with it."""
+    cache = kv.EvictingCache(1, kv.H2O(), 8, "decode")
+    layer = cache.layers[0]
+    keys = torch.zeros(1, 1, 2, 8, 3)  # (L, B, H, cap, D)
+    keys[..., :5, :] = torch.arange(5.0)[:, None]  # slot i holds the key i
+    values, pos = keys + 10, torch.zeros(1, 1, 2, 8, dtype=torch.long)
+    pos[..., :5] = torch.arange(5)
+    valid = torch.zeros(1, 1, 2, 8, dtype=torch.bool)
+    valid[..., :5] = True
+    bufs = [keys[0], values[0], pos[0], valid[0]]
+    cache._stack = (keys, values, pos, valid, [bufs])
+    layer._bufs, layer._capacity = bufs, 8
+    layer.keys, layer.values, layer.positions, layer.valid = layer._views = tuple(b[:, :, :5] for b in bufs)
+    layer.state = {"acc": torch.tensor([[[5.0, 1.0, 3.0, 1.0, 7.0], [4.0, 6.0, 5.0, 8.0, 0.5]]])}
+    assert cache._swappable(cache.layers, cache.layers, None) == 5
+    score = layer.state["acc"][None].clone()
+    cache._swap_out(cache.layers, score, pos[..., :5], 5)
+    assert layer.positions.tolist() == [[[0, 4, 2, 3], [0, 1, 2, 3]]]
+    assert layer.keys[0, 0, :, 0].tolist() == [0, 4, 2, 3] and layer.values[0, 1, :, 0].tolist() == [10, 11, 12, 13]
+    assert layer.state["acc"].tolist() == [[[5.0, 7.0, 3.0, 1.0], [4.0, 6.0, 5.0, 8.0]]]
+    assert layer._views[0] is layer.keys and layer._bufs is bufs  # the next token appends in place at slot 4
+
+
+def test_swapping_decodes_like_gathering(tiny, monkeypatch):
+    """Decoding one token at a time with eviction, H2O (per KV head), TOVA (one set per layer) and StreamingLLM take
+    the swap path (asserted), and keep the same positions in every layer and head as the same run with every eviction
+    gathered in sequence order, write the same tokens, and give log-probabilities equal up to the order of the
+    attention's sums (the slots are permuted)."""
+    ids = torch.cat([_ids(40, seed=1), _ids(40, seed=2)])
+    force = _ids(16, seed=3, batch=2)
+    for policy in (kv.H2O(), kv.TOVA(), kv.StreamingLLM(sinks=2)):
+        swaps = []
+        orig = kv.EvictingCache._swap_out
+
+        def counting(self, *a, _orig=orig):
+            swaps.append(1)
+            return _orig(self, *a)
+
+        monkeypatch.setattr(kv.EvictingCache, "_swap_out", counting)
+        g = kv.generate(tiny, ids, policy=policy, budget=24, moment="decode", force=force, prefill_chunk=8,
+                        record=True)
+        monkeypatch.undo()
+        monkeypatch.setattr(kv.EvictingCache, "_swappable", lambda *a: 0)
+        ref = kv.generate(tiny, ids, policy=policy, budget=24, moment="decode", force=force, prefill_chunk=8,
+                          record=True)
+        monkeypatch.undo()
+        assert len(swaps) >= 14, policy  # every decoding step but the first evictions
+        assert torch.equal(g.kept.sort(-1).values, ref.kept.sort(-1).values) and bool(g.kept_valid.all()), policy
+        assert not torch.equal(g.kept, ref.kept), policy  # the slots were permuted
+        assert torch.equal(g.tokens, ref.tokens), policy
+        torch.testing.assert_close(g.logprobs, ref.logprobs, rtol=0, atol=1e-5)
 
 
 def test_first_token_kept_follows_the_sink_of_each_padded_row(tiny):
