@@ -92,12 +92,19 @@ def perplexity(model: nn.Module, ids: torch.Tensor | str, tokenizer=None, *, seq
     # Position j of a window predicts token j+1; score it in the first window, or when it is new.
     scored = torch.arange(1, seq_len) >= seq_len - stride
     device = next(model.parameters()).device
+    # the output layer at the positions that predict a token only: contiguous logits, so the log-softmax runs
+    # along memory (over a strided vocabulary axis, float32 sums drifted by ~1e-4 nats per token on SmolLM2)
+    keep = {"logits_to_keep": torch.arange(seq_len - 1, device=device)} \
+        if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     nll, count = 0.0, 0
     with eval_mode(model):
         for i in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress, leave=False):
             batch = windows[i:i + batch_size].to(device)
-            logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
-            losses = F.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:], reduction="none")
+            logits = model(input_ids=batch, use_cache=False, **keep).logits
+            logits = logits if keep else logits[:, :-1]
+            targets = batch[:, 1:]
+            losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                     reduction="none").view(targets.shape)
             mask = scored.to(device).expand_as(losses).clone()
             if i == 0:
                 mask[0] = True
