@@ -67,6 +67,11 @@ def next_token_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
+def _takes_logits_to_keep(model: nn.Module) -> bool:
+    """Whether ``model.forward`` can compute the output layer at chosen positions only (transformers' LMs)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 def perplexity(model: nn.Module, ids: torch.Tensor | str, tokenizer=None, *, seq_len: int = 512,
                stride: int | None = None, batch_size: int = 4, max_tokens: int | None = None,
                progress: bool = False) -> float:
@@ -94,8 +99,7 @@ def perplexity(model: nn.Module, ids: torch.Tensor | str, tokenizer=None, *, seq
     device = next(model.parameters()).device
     # the output layer at the positions that predict a token only: contiguous logits, so the log-softmax runs
     # along memory (over a strided vocabulary axis, float32 sums drifted by ~1e-4 nats per token on SmolLM2)
-    keep = {"logits_to_keep": torch.arange(seq_len - 1, device=device)} \
-        if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    keep = {"logits_to_keep": torch.arange(seq_len - 1, device=device)} if _takes_logits_to_keep(model) else {}
     nll, count = 0.0, 0
     with eval_mode(model):
         for i in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress, leave=False):
@@ -127,7 +131,7 @@ def tokens_per_second(model: nn.Module, *, prompt_len: int = 256, new_tokens: in
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab, (batch_size, prompt_len), generator=g).to(device)
-    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    last_only = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
     prefill, decode = float("inf"), float("inf")
     with eval_mode(model):
         model(input_ids=prompt[:, :8], **last_only)  # warm-up

@@ -19,7 +19,8 @@ Pieces:
   they have seen, remember the full-sequence position of every kept slot, and store only compact
   tensors (decoding: buffers of the budget's size that new tokens are appended to in place; a token
   evicted alone, as at every step of H2O, TOVA and StreamingLLM, is overwritten by the newest slot
-  instead of gathering the whole cache again). It plugs into ``model.generate(..., past_key_values=cache)`` and into a manual decode loop.
+  instead of gathering the whole cache again). It plugs into
+  ``model.generate(..., past_key_values=cache)`` and into a manual decode loop.
 - ``evicting(model, policy, budget, moment)`` is the context manager that creates the cache and the
   hooks: the query of every layer (rotated like the keys) is captured from ``q_proj`` and the rotary
   ``position_embeddings``, so the attention a policy needs is computed from the current queries and
@@ -593,8 +594,8 @@ def group_attention(queries: torch.Tensor, query_pos: torch.Tensor, keys: torch.
     The slots no query can see yet (positions after the last query) form a tail of every row (kept slots
     are in sequence order after the invalid ones whenever several queries are scored: ``_swap_out``, which
     permutes slots, runs only for policies that score the newest query alone, which sees every slot): it is
-    cut before the matmul and comes back as zeros,
-    and the causal mask is applied only where some query can see a key that another cannot.
+    cut before the matmul and comes back as zeros, and the causal mask is applied only where some query can
+    see a key that another cannot.
     ``newest=True`` says the one query is the newest token (decoding): it sees every key, so with no padding
     slot nothing is masked and the masks are not built (the same numbers, fewer operations)."""
     b, hq, q, d = queries.shape

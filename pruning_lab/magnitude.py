@@ -51,7 +51,8 @@ def _check_sparsity(sparsity: float) -> None:
 # histogram (``bincount`` reads int16 as it is, after scanning its min and max), then ``hi > hb`` (the mask)
 # and ``hi == hb`` (the bucket's members, found eight flags at a time by ``_sparse_nonzero``). The bucket
 # is resolved once for all tensors (ties at the k-th value ranked by one cumsum), and how many weights each
-# mask keeps is read from the histograms, not from another pass over the masks. A tensor's high bits are freed as soon as its mask is built.
+# mask keeps is read from the histograms, not from another pass over the masks. A tensor's high bits are
+# freed as soon as its mask is built.
 #
 # Threads. On a laptop something else always wants a core. Many short parallel regions (one per op and
 # per layer, each ending in a barrier) then wait for a thread the scheduler has parked: 210 layers took

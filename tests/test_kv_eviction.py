@@ -524,6 +524,7 @@ def test_appending_in_place_keeps_what_concatenating_keeps(tiny, moment, monkeyp
     monkeypatch.setattr(kv.EvictingLayer, "_append", _cat_append)
     plain = runs()
     assert len(fast) == len(plain) >= 8
+
     def in_order(kept, valid):  # the swap path (decoding, one token evicted per step) permutes the slots
         order = torch.where(valid, kept, -1).argsort(dim=-1, stable=True)
         return kept.gather(-1, order), valid.gather(-1, order)
