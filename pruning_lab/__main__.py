@@ -7,6 +7,7 @@
     python -m pruning_lab sweep notebooks/params/sweeps/lottery-5seeds-smoke.yaml
     python -m pruning_lab check                                 # the set-up: data, corpus, model cache (checksums)
     python -m pruning_lab book                                  # the web edition in build/book/
+    python -m pruning_lab seed ~/.cache/pruning_lab/lora_recovery/<hash>   # ship a cache folder in assets/
 
 Values of ``-p`` and of YAML files are read by one rule (``1e-3`` is a float, ``no`` a string, ``[0, 1]`` a list)
 and every value is checked against the notebook's declared types and ranges before any kernel starts
@@ -41,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="fail a cell that runs longer than this (default: no limit)")
     bk = sub.add_parser("book", help="render the committed notebooks to a static web edition (build/book/)")
     bk.add_argument("--out", default=str(workbook.ROOT / "build" / "book"), help="output folder (default: build/book/)")
+    sd = sub.add_parser("seed", help="write a run folder of the cache as a seed in assets/ (computed once, shipped)")
+    sd.add_argument("folder", help="<cache>/<kind>/<hash>, a folder with hparams.json")
+    sd.add_argument("--weights", action="store_true", help="ship its trained weights too (default: results only)")
+    sd.add_argument("--to", help="the seeds' root (default: the repository's assets/)")
     sw = sub.add_parser("sweep", help="run a parameter sweep (a YAML of notebook, params, grid) on Dask")
     sw.add_argument("sweep", help="a sweep YAML path or a name in notebooks/params/sweeps/")
     sw.add_argument("--engine", default="local", help="'local': a LocalCluster, one 1-thread worker per core")
@@ -106,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
         for f in res.failures:
             print(f"not rendered: {f}", file=sys.stderr)
         return 1 if res.failures else 0
+    if args.cmd == "seed":
+        from . import runs
+
+        dest = runs.write_seed(runs.open_folder(args.folder), args.to or runs.SEED_ROOT, weights=args.weights)
+        print(f"wrote the seed {dest} ({sum(1 for p in dest.rglob('*') if p.is_file())} files)")
+        return 0
     if args.cmd == "sweep":
         from . import sweep
 

@@ -30,8 +30,6 @@ each level's ``metrics.json``), so a resumed run ends bit-for-bit like an uninte
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 import warnings
@@ -46,12 +44,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import default_device
-from ._io import atomic_path, read_json, read_json_in, write_json
+from ._io import atomic_path, file_sha256, read_json, read_json_in, write_json
 from .data import ImageData, cache_dir, load_image_data
 from .eval import evaluate
 from .magnitude import global_magnitude_masks, masks_from_densities, prune_remaining
 from .masks import Masks, apply_masks, keep_masked, prunable_parameters, random_masks
 from .models import make_model
+from .runs import digest, flat_keys
 from .stats import mean_std, paired
 from .train import TrainConfig, train
 
@@ -144,8 +143,7 @@ class LotteryHparams:
 
     @property
     def hash(self) -> str:
-        text = json.dumps(self.to_dict(), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return digest(self.to_dict())
 
     def with_(self, **changes) -> "LotteryHparams":
         """A copy with changed fields, by dotted name: ``hp.with_(**{"pruning.rewind_iteration": 100})``."""
@@ -160,16 +158,6 @@ class LotteryHparams:
         for group, values in groups.items():
             top[group] = replace(getattr(self, group), **values)
         return replace(self, **top)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 # --------------------------------------------------------------------------- small tools
@@ -249,14 +237,10 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: t.detach().to("cpu", copy=True).contiguous() for n, t in model.state_dict().items()}
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
     with atomic_path(path) as tmp:
         save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, str(tmp))
-    return _sha256(path)
+    return file_sha256(path)
 
 
 def _count_kept(masks: Masks) -> dict:
@@ -308,7 +292,7 @@ class LotteryRun:
                 theirs = read_json(path)
             except (OSError, ValueError) as e:
                 raise ValueError(f"{path} is unreadable ({e}); delete the folder {self.dir} or choose another.") from e
-            a, b = _flatten(theirs), _flatten(mine)
+            a, b = flat_keys(theirs), flat_keys(mine)
             diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
             if diff:
                 listed = "; ".join(f"{k}: folder has {a.get(k)!r}, you asked {b.get(k)!r}" for k in diff)
@@ -351,9 +335,9 @@ class LotteryRun:
             return None
         try:
             metrics = read_json(path)
-            for name, digest in metrics["files"].items():
+            for name, expected in metrics["files"].items():
                 f = self.level_dir(level) / name
-                if not f.is_file() or _sha256(f) != digest:
+                if not f.is_file() or file_sha256(f) != expected:
                     raise CorruptCheckpoint(f"{f} is missing or does not match its checksum")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CorruptCheckpoint(f"{path} is unreadable ({e})") from e

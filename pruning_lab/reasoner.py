@@ -33,27 +33,24 @@ deterministic batches (example ``i`` of the stream is a function of the seed and
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
 import random
 import re
-import shutil
-import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._io import atomic_path, read_json, write_json
-from .data import cache_dir, left_padded
+from ._io import atomic_path, file_sha256, read_json, write_json
+from .data import left_padded
 from .llama import PROJECTIONS
 from .lora import add_adapters, merge_adapters
 from .models import embedded_model_folder, load_llm
+from .runs import RunFolder, digest
 
 ANSWER_PREFIX = "The answer is"
 INSTRUCTIONS = {
@@ -509,16 +506,12 @@ def _trim_memory() -> None:
         pass
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _save(path: Path, tensors: dict[str, torch.Tensor]) -> str:
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    return _sha256(path)
+    return file_sha256(path)
 
 
 def _wrap(model: nn.Module, hp: LoraHparams) -> nn.Module:
@@ -647,7 +640,7 @@ def _resume(path: Path, params: dict, opt: torch.optim.Optimizer) -> tuple[int, 
 
     try:
         meta = read_json(path.with_suffix(".json"))
-        if _sha256(path) != meta["sha256"]:
+        if file_sha256(path) != meta["sha256"]:
             raise ValueError("checksum mismatch")
         tensors = load_file(str(path))
         with torch.no_grad():
@@ -668,177 +661,23 @@ def _resume(path: Path, params: dict, opt: torch.optim.Optimizer) -> tuple[int, 
 TRACE_VERSION = 3  # part of every hash: a change to the trace writer or the prompts retrains
 
 
-def digest(obj) -> str:
-    """A short hash of a JSON-able object (names run folders and cached results)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+class CachedRun(RunFolder):
+    """A LoRA model trained once in a run folder (``runs.RunFolder``: named by the hash of ``spec`` and
+    ``TRACE_VERSION``, seeded from the repository's ``assets/``, with cached results beside the weights)::
 
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-SEED_ROOT = Path(__file__).resolve().parents[1] / "assets"  # the repository's seeds (absent in a plain install)
-SEED_MANIFEST = "seed.json"
-SEED_RECORD = "training.json"  # a seed without weights keeps its run's metrics.json under this name
-
-
-def seed_root() -> Path | None:
-    """Where seeds are looked for: ``$PRUNING_LAB_SEEDS`` when set (``none``/empty: nowhere, everything is computed
-    here), else the repository's ``assets/``."""
-    env = os.environ.get("PRUNING_LAB_SEEDS")
-    if env is not None:
-        return None if env.strip().lower() in ("", "none", "off", "0") else Path(env)
-    return SEED_ROOT
-
-
-class CachedRun:
-    """A trained model in a folder named by the hash of everything that determines it::
-
-        <cache>/<kind>/<hash>/hparams.json       what was asked (a folder of other hyperparameters is refused)
         <cache>/<kind>/<hash>/checkpoint.*       while training: resumable, checksummed
         <cache>/<kind>/<hash>/weights.safetensors + metrics.json   written last: history, checksums, timings
-        <cache>/<kind>/<hash>/results/<name>-<key>.json            cached evaluations of the trained model
 
-    **Seeds.** A run trained once can ship in the repository, read-only, as ``assets/<kind>/<hash>/`` (``write_seed``):
-    the same files plus ``seed.json``, the SHA-256 of each. When the cache folder holds no finished run, the seed is
-    verified (a file that does not match its checksum is refused, nothing copied) and copied in atomically; a
-    finished run in the cache is never overwritten, and cached results are only added (never replaced) when they
-    belong to the same weights. A seed may leave the weights out (``weights=False``: only results, the training
-    record in ``training.json``): then ``metrics`` stays None and ``load()`` trains, while ``cached`` reads the
-    seeded results. To compute everything here: delete the cache folder and set ``PRUNING_LAB_SEEDS=none`` (or delete
-    the seed), or change a hyperparameter (a new hash has no seed).
-
-    Subclasses give ``spec`` (a JSON-able dict), ``lora`` (LoraHparams), ``base_model()`` and ``examples()``."""
+    A seed without weights (``write_seed(..., weights=False)``) leaves ``metrics`` None: ``load()`` trains, while
+    ``cached`` reads the seeded results. Subclasses give ``spec`` (a JSON-able dict), ``lora`` (LoraHparams),
+    ``base_model()`` and ``examples()``."""
 
     kind = "run"
-    seed_root: Path | None = None  # None: ``seed_root()`` (the repository's assets/ or $PRUNING_LAB_SEEDS)
-
-    def __init__(self, root: str | Path | None = None, *, progress: bool = True):
-        self.progress = progress
-        self.dir = Path(root or cache_dir(self.kind)) / self.hash
-        self._seeded = False
-
-    spec: dict
     lora: LoraHparams
 
     @property
     def hash(self) -> str:
         return digest({"spec": self.spec, "trace_version": TRACE_VERSION})
-
-    @property
-    def seed_dir(self) -> Path | None:
-        root = self.seed_root if self.seed_root is not None else seed_root()
-        return None if root is None else Path(root) / self.kind / self.hash
-
-    def _seed(self) -> None:
-        """Copy this run's seed into the cache folder when it has something the folder lacks (see the class)."""
-        if self._seeded:
-            return
-        self._seeded = True
-        src = self.seed_dir
-        if src is None or not (src / SEED_MANIFEST).is_file():
-            return
-        try:
-            manifest = read_json(src / SEED_MANIFEST)
-            files, weights = dict(manifest["files"]), dict(manifest["weights"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"The seed {src} has an unreadable {SEED_MANIFEST} ({e}): restore it (git checkout -- "
-                             f"{src}) or delete the folder to compute the run here. Nothing was copied.") from e
-        if manifest.get("hash") != self.hash:
-            raise ValueError(f"The seed {src} says it holds run {manifest.get('hash')!r}, not {self.hash}: restore it "
-                             "or delete the folder. Nothing was copied.")
-        for name, digest in files.items():  # verify everything before anything is copied
-            f = src / name
-            if not f.is_file() or _sha256(f) != digest:
-                raise ValueError(f"The seed {src} is damaged: {name} is missing or does not match its checksum in "
-                                 f"{SEED_MANIFEST}. Restore it (git checkout -- {src}) or delete the folder to compute "
-                                 "the run here. Nothing was copied.")
-        if "hparams.json" in files and _flat(read_json(src / "hparams.json")) != _flat(json.loads(json.dumps(self.spec))):
-            raise ValueError(f"The seed {src} holds other hyperparameters than run {self.hash}: restore it or delete "
-                             "the folder. Nothing was copied.")
-        finished = self._read_metrics()
-        if finished is not None and {k: finished.get("files", {}).get(k) for k in weights} != weights:
-            return  # a run trained here: the seed's results belong to other weights
-        todo = [n for n in files if not (self.dir / n).exists()]
-        if finished is not None:
-            todo = [n for n in todo if n not in ("metrics.json", *weights)]
-        if not todo:
-            return
-        # copy into a staging folder beside the cache folder, verify, then move in: results, hparams, weights, and
-        # metrics.json last (its presence marks the run finished)
-        self.dir.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".seed-{self.hash}-", dir=self.dir.parent))
-        try:
-            for name in todo:
-                (stage / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src / name, stage / name)
-                if _sha256(stage / name) != files[name]:
-                    raise OSError(f"copying {src / name} to {stage} changed it")
-            if not self.dir.exists():
-                os.rename(stage, self.dir)  # one rename: the folder appears complete
-                return
-            for name in sorted(todo, key=lambda n: (n == "metrics.json", n in weights, n)):
-                dest = self.dir / name
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                if not dest.exists():
-                    os.replace(stage / name, dest)
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
-
-    def _check_folder(self) -> None:
-        self._seed()
-        path = self.dir / "hparams.json"
-        mine = json.loads(json.dumps(self.spec))
-        if path.is_file():
-            try:
-                theirs = read_json(path)
-            except (OSError, ValueError) as e:
-                raise ValueError(f"{path} is unreadable ({e}); delete the folder {self.dir} or choose another.") from e
-            a, b = _flat(theirs), _flat(mine)
-            diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-            if diff:
-                listed = "; ".join(f"{k}: folder has {a.get(k)!r}, you asked {b.get(k)!r}" for k in diff[:5])
-                raise ValueError(f"{self.dir} holds a run with different hyperparameters ({listed}). Refusing to mix "
-                                 "them: use another folder (or the default, which is named by the hash).")
-        else:
-            write_json(path, mine)
-
-    @property
-    def metrics(self) -> dict | None:
-        """The verified metrics of the finished run (copied from its seed when there is one), None when it is not
-        (completely) trained."""
-        self._seed()
-        return self._read_metrics()
-
-    @property
-    def training_record(self) -> dict | None:
-        """What the training of this run recorded (history, tokens, seconds): ``metrics``, or the record a seed
-        without weights brought (``training.json``); None when neither exists."""
-        m = self.metrics
-        if m is None and (self.dir / SEED_RECORD).is_file():
-            m = read_json(self.dir / SEED_RECORD)
-        return m
-
-    def _read_metrics(self) -> dict | None:
-        path = self.dir / "metrics.json"
-        if not path.is_file():
-            return None
-        try:
-            m = read_json(path)
-            for name, digest in m["files"].items():
-                f = self.dir / name
-                if not f.is_file() or _sha256(f) != digest:
-                    raise ValueError(f"{f} is missing or does not match its checksum")
-            return m
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            warnings.warn(f"{self.dir}: the finished run is damaged ({e}); it will be trained again.", stacklevel=3)
-            return None
 
     def base_model(self) -> tuple[nn.Module, object]:
         raise NotImplementedError
@@ -881,47 +720,6 @@ class CachedRun:
             leftover.unlink(missing_ok=True)
         return trained, tok
 
-    def cached(self, name: str, key: dict, compute):
-        """``compute()``'s JSON result, stored once under ``results/<name>-<hash of key>.json`` beside the weights
-        (the key is stored too and checked on reading)."""
-        self._seed()
-        path = self.dir / "results" / f"{name}-{digest(key)}.json"
-        if path.is_file():
-            try:
-                saved = read_json(path)
-                if saved.get("key") == json.loads(json.dumps(key)):
-                    return saved["value"]
-            except (OSError, ValueError):
-                pass
-        value = compute()
-        write_json(path, {"key": key, "value": value})
-        return read_json(path)["value"]
-
-
-def write_seed(run: CachedRun, root: str | Path, *, weights: bool = True, results: list[str] | None = None) -> Path:
-    """Write ``run``'s cache folder as a seed ``<root>/<kind>/<hash>/`` (see ``CachedRun``): hparams.json, the cached
-    ``results`` (file names under results/; default: all), and the weights with metrics.json (``weights=True``, the
-    run must be finished) or only its training record as training.json; ``seed.json`` (checksums) is written last."""
-    src, dest = run.dir, Path(root) / run.kind / run.hash
-    m = run._read_metrics()
-    if weights and (m is None or "files" not in m):
-        raise ValueError(f"{src} holds no finished run with weights to seed (weights=False seeds its results only).")
-    names = sorted(p.name for p in (src / "results").glob("*.json")) if results is None else list(results)
-    copy = {"hparams.json": "hparams.json", **{f"results/{n}": f"results/{n}" for n in names}}
-    if m is not None and "files" in m:
-        copy.update({k: k for k in m["files"]} if weights else {})
-        copy["metrics.json" if weights else SEED_RECORD] = "metrics.json"
-    if dest.exists():
-        shutil.rmtree(dest)
-    files = {}
-    for to, frm in copy.items():
-        (dest / to).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src / frm, dest / to)
-        files[to] = _sha256(dest / to)
-    write_json(dest / SEED_MANIFEST, {"hash": run.hash, "kind": run.kind, "files": files,
-                                      "weights": dict(m["files"]) if m is not None and "files" in m else {},
-                                      "weights_included": bool(weights)})
-    return dest
 
 
 @dataclass(frozen=True)
