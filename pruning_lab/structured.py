@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple
@@ -50,7 +51,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .eval import count_parameters, next_token_loss, perplexity
+from . import runs
+from .eval import _takes_logits_to_keep, count_parameters, eval_mode, next_token_loss, perplexity
 from .llama import (PROJECTIONS, LayerShape, decoder_layers, layer_shape, set_layer_sizes, sliced_linear,
                     update_config)
 from .llama import load_pruned, save_pruned, structure_of  # noqa: F401 (re-exported: notebook 03 uses st.<name>)
@@ -136,8 +138,8 @@ def statistic_hooks(model: nn.Module) -> Iterator[Calibration]:
 
     def block_hook(i):
         def hook(_m, args, kwargs, out):
-            x = args[0] if args else kwargs["hidden_states"]
-            y = out[0] if isinstance(out, (tuple, list)) else out
+            x = (args[0] if args else kwargs["hidden_states"]).detach()  # (a pass with gradients: taylor)
+            y = (out[0] if isinstance(out, (tuple, list)) else out).detach()
             cos = F.cosine_similarity(x.float(), y.float(), dim=-1)  # (batch, seq)
             cal.block_influence[i] += (1 - cos).sum(dtype=torch.float64).item()
             if i == 0:
@@ -172,8 +174,9 @@ def calibrate(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 8, taylo
     """Run the calibration windows ``ids`` (n, seq_len) through the model in batches under
     ``torch.inference_mode`` and return per-channel statistics and block influences.
 
-    ``taylor=True`` adds LLM-Pruner's first-order scores, which need one more pass with gradients
-    (see ``taylor_scores``). The model is not changed.
+    ``taylor=True`` adds LLM-Pruner's first-order scores, which need a pass with gradients (see
+    ``taylor_scores``): the statistics are then collected during that pass (the same activations, bitwise),
+    not in a pass of their own. The model is not changed.
     """
     decoder_layers(model)
     ids = _check_ids(ids)
@@ -181,14 +184,19 @@ def calibrate(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 8, taylo
     was_training = model.training
     model.eval()
     try:
-        with statistic_hooks(model) as cal, torch.inference_mode():
-            for i in tqdm(range(0, len(ids), batch_size), desc="calibration", disable=not progress, leave=False):
-                _base(model)(input_ids=ids[i:i + batch_size].to(device), use_cache=False)
+        with statistic_hooks(model) as cal:
+            if taylor:
+                scores = taylor_scores(model, ids, batch_size=batch_size, progress=progress)
+            else:
+                with torch.inference_mode():
+                    for i in tqdm(range(0, len(ids), batch_size), desc="calibration", disable=not progress,
+                                  leave=False):
+                        _base(model)(input_ids=ids[i:i + batch_size].to(device), use_cache=False)
     finally:
         model.train(was_training)
     cal.n_tokens, cal.seq_len = ids.numel(), ids.shape[1]
     if taylor:
-        cal.taylor = taylor_scores(model, ids, batch_size=batch_size, progress=progress)
+        cal.taylor = scores
     return cal
 
 
@@ -894,18 +902,48 @@ def removed_activation_share(model: nn.Module, plan: StructuredPlan, calibration
 
 def one_layer_at_a_time(model: nn.Module, plan: StructuredPlan, ids: torch.Tensor, *, seq_len: int = 128,
                         batch_size: int = 8, progress: bool = False) -> list[float]:
-    """Held-out perplexity when only layer ``i`` follows ``plan`` (its removed heads and channels
-    zeroed, every other layer dense), for each layer ``i``: which layers' removals do the damage.
+    """Held-out perplexity (``ids``: 1-D, disjoint windows of ``seq_len`` as ``eval.perplexity``) when only layer
+    ``i`` follows ``plan`` (its removed heads and channels zeroed, every other layer dense), for each layer ``i``:
+    which layers' removals do the damage. The layers before ``i`` are dense, so their output is the dense model's:
+    it is computed once, and layer ``i``'s perplexity runs layers ``i`` to the last only (half the work on average).
     The model is restored after each layer."""
     layers = _check_plan(model, plan)
-    full = full_plan(model)
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 1 or len(ids) < seq_len:
+        raise ValueError(f"ids: a 1-D tensor of at least seq_len={seq_len} token ids, got "
+                         f"{tuple(getattr(ids, 'shape', ()))}.")
+    device = next(model.parameters()).device
+    windows = ids[: len(ids) // seq_len * seq_len].view(-1, seq_len)
+    batches = [windows[i:i + batch_size].to(device) for i in range(0, len(windows), batch_size)]
+    keep = torch.arange(seq_len - 1, device=device)  # the positions that predict a token (as perplexity scores)
+    with eval_mode(model):  # the input of every layer, dense: hidden_states[i] enters layer i
+        entering = [_base(model)(input_ids=b, use_cache=False, output_hidden_states=True).hidden_states for b in batches]
+    names = {id(m): n for n, m in model.named_modules()}
+    masks = {n: m for n, m in plan_masks(model, plan).items() if not bool(m.all())}
     out = []
     for i in tqdm(range(len(layers)), desc="one layer at a time", disable=not progress, leave=False):
-        one = StructuredPlan([plan.layers[j] if j == i else full.layers[j] for j in range(len(layers))])
-        masks = {n: m for n, m in plan_masks(model, one).items() if not bool(m.all())}  # layer i's only
-        with masked(model, masks):
-            out.append(perplexity(model, ids, seq_len=seq_len, batch_size=batch_size))
+        prefix = names[id(layers[i])] + "."
+        nll = 0.0
+        with masked(model, {n: m for n, m in masks.items() if n.startswith(prefix)}), _from_layer(model, i), \
+                eval_mode(model):
+            for b, hidden in zip(batches, entering):
+                logits = model(inputs_embeds=hidden[i], use_cache=False, logits_to_keep=keep).logits
+                nll += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1),
+                                       reduction="none").double().sum().item()
+        out.append(float(torch.tensor(nll / (len(windows) * (seq_len - 1))).exp()))  # as perplexity rounds it
     return out
+
+
+@contextmanager
+def _from_layer(model: nn.Module, i: int):
+    """The model's decoder runs its layers from ``i`` on (its input: the hidden states entering layer ``i``, given
+    as ``inputs_embeds``) inside the block."""
+    base = _base(model)
+    layers = base.layers
+    base.layers = nn.ModuleList(list(layers)[i:])
+    try:
+        yield model
+    finally:
+        base.layers = layers
 
 
 # --------------------------------------------------------------------------- physical shrinking
@@ -1027,6 +1065,86 @@ def lora_recover(model: nn.Module, ids: torch.Tensor, *, steps: int = 20, lr: fl
     for p in merged.parameters():
         p.requires_grad_(True)
     return merged.eval()
+
+
+def _lora_run(model: nn.Module, train_ids: torch.Tensor, eval_ids: torch.Tensor, seed: int, hp: dict,
+              sample: list[int] | None, pad_token_id: int | None) -> dict:
+    """One LoRA recovery of a copy of ``model`` with ``seed``: its training losses, held-out perplexity, and the
+    greedy continuation of ``sample`` (token ids) when given."""
+    t0 = time.perf_counter()
+    losses = []
+    tuned = lora_recover(copy.deepcopy(model), train_ids, steps=hp["steps"], lr=hp["lr"], rank=hp["rank"],
+                         alpha=hp["alpha"], batch_size=hp["batch_size"], seed=seed, losses=losses)
+    out = {"seed": seed, "train_losses": losses,
+           "perplexity": perplexity(tuned, eval_ids, seq_len=hp["eval_seq_len"], batch_size=hp["eval_batch_size"])}
+    if sample is not None:
+        ids = torch.tensor([sample], device=next(tuned.parameters()).device)
+        with torch.inference_mode():
+            gen = tuned.generate(ids, max_new_tokens=hp["sample_tokens"], do_sample=False, pad_token_id=pad_token_id)
+        out["sample"] = gen[0, len(sample):].tolist()
+    out.update(seconds=time.perf_counter() - t0, threads=torch.get_num_threads(), computed=time.strftime("%Y-%m-%d"))
+    return out
+
+
+def lora_runs(models: dict[str, nn.Module], train_ids: torch.Tensor, eval_ids: torch.Tensor, *, seeds=(0, 1, 2),
+              steps: int = 12, lr: float = 2e-3, rank: int = 8, alpha: int = 16, batch_size: int = 4,
+              eval_seq_len: int = 128, eval_batch_size: int = 8, sample: list[int] | None = None,
+              sample_tokens: int = 24, pad_token_id: int | None = None, root=None, progress: bool = True) -> dict:
+    """``lora_recover`` of each model in ``models`` (name -> model) with each seed in ``seeds`` (its adapters and
+    batches; the same seed draws the same batches for every model), each run's held-out perplexity on ``eval_ids``
+    (windows of ``eval_seq_len``), training losses and, when ``sample`` (prompt token ids) is given, its greedy
+    continuation of ``sample_tokens`` tokens. Returns ``{name: [run per seed]}``, each run a dict with ``seed``,
+    ``perplexity``, ``train_losses``, ``seconds``, ``computed`` (date) and ``sample``.
+
+    Trained once: each run is cached (``runs.RunFolder`` of kind ``lora_recovery``, named by the hash of the token ids,
+    the hyperparameters, the library versions and the source of the code that trains and evaluates), keyed by the
+    fingerprint of the model's weights and the seed, and written as soon as it is done (an interrupted call resumes).
+    A fresh clone reads the repository's seed of the classroom runs (``assets/lora_recovery/``); to train them
+    again, set ``PRUNING_LAB_SEEDS=none`` and delete the cache folder (``folder(...)`` names it)."""
+    if not models:
+        raise ValueError("models is empty: give {name: model} for each model to recover.")
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds={seeds}: give one or more distinct LoRA seeds.")
+    train_ids, eval_ids = _check_ids(train_ids), eval_ids.reshape(1, -1) if eval_ids.ndim == 1 else eval_ids
+    _check_ids(eval_ids)
+    if steps < 1 or rank < 1 or lr <= 0 or batch_size < 1:
+        raise ValueError(f"steps={steps}, rank={rank}, lr={lr}, batch_size={batch_size}: each must be positive.")
+    folder = lora_folder(train_ids, eval_ids, steps=steps, lr=lr, rank=rank, alpha=alpha, batch_size=batch_size,
+                         eval_seq_len=eval_seq_len, eval_batch_size=eval_batch_size, sample_tokens=sample_tokens,
+                         root=root)
+    hp = folder.spec["hparams"]
+    out = {}
+    todo = [(name, m, s) for name, m in models.items() for s in seeds]
+    fps = {name: runs.fingerprint(m) for name, m in models.items()}
+    for name, m, s in tqdm(todo, desc="LoRA runs (cached)", disable=not progress):
+        key = {"model": fps[name], "seed": s, "sample": sample}
+        out.setdefault(name, []).append(folder.cached(
+            "run", key, lambda: _lora_run(m, train_ids, eval_ids.flatten(), s, hp, sample, pad_token_id)))
+    return out
+
+
+def lora_folder(train_ids: torch.Tensor, eval_ids: torch.Tensor, *, root=None, **hparams) -> "runs.RunFolder":
+    """The cache folder of ``lora_runs`` with these token ids and hyperparameters (see there)."""
+    import peft
+    import transformers
+
+    spec = {"train_ids": runs.fingerprint(train_ids), "eval_ids": runs.fingerprint(eval_ids.flatten()),
+            "hparams": hparams, "code": _lora_code(),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "peft": peft.__version__}}
+    return runs.RunFolder(root, kind="lora_recovery", spec=spec, progress=False)
+
+
+# everything a cached LoRA recovery runs: a change to the source of any of these names other runs (trains again)
+_LORA_CODE = (lora_recover, _lora_run, _check_ids, add_adapters, merge_adapters, next_token_loss, perplexity,
+              _takes_logits_to_keep)
+
+
+def _lora_code() -> str:
+    import inspect
+
+    return runs.digest([inspect.getsource(f) for f in _LORA_CODE])
 
 
 # --------------------------------------------------------------------------- one call

@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from pruning_lab import runs
 from pruning_lab import structured as st
-from pruning_lab.eval import count_parameters
+from pruning_lab.eval import count_parameters, perplexity
 from pruning_lab.magnitude import apply_masks
 from pruning_lab.models import tiny_llama
 from pruning_lab.structured_results import StructuredResults
@@ -148,10 +149,10 @@ def test_one_layer_at_a_time_equals_masking_a_copy_and_restores(tiny):
     model, cal = tiny
     plan = st.plan_structured(model, cal, 0.3, "magnitude", allocation="uniform")
     before = _state(model)
-    ids = _ids(4, 16, seed=5).flatten()
-    got = st.one_layer_at_a_time(model, plan, ids, seq_len=16, batch_size=2)
-    assert _same_state(model, before)
-    from pruning_lab.eval import perplexity
+    ids = torch.cat([_ids(5, 16, seed=5).flatten(), _ids(1, 7, seed=6).flatten()])  # 7 tokens past the last window
+    decoder = list(model.model.layers)
+    got = st.one_layer_at_a_time(model, plan, ids, seq_len=16, batch_size=2)  # batches of 2, 2 and 1 windows
+    assert _same_state(model, before) and list(model.model.layers) == decoder
     for i in range(len(plan.layers)):
         one = st.full_plan(model)
         one.layers[i] = plan.layers[i]
@@ -163,6 +164,20 @@ def test_one_layer_at_a_time_equals_masking_a_copy_and_restores(tiny):
             assert not _same_state(model, before)
             raise RuntimeError("boom")
     assert _same_state(model, before)
+
+
+def test_taylor_calibration_collects_the_same_statistics_in_its_gradient_pass(tiny):
+    model, _ = tiny
+    ids = _ids(7, 24, seed=3)
+    plain, with_taylor = st.calibrate(model, ids, batch_size=3), st.calibrate(model, ids, batch_size=3, taylor=True)
+    for a, b in zip(plain.attn + plain.mlp, with_taylor.attn + with_taylor.mlp):
+        assert a.count == b.count == 7 * 24
+        assert torch.allclose(a.sum, b.sum, rtol=1e-6, atol=1e-9) and torch.allclose(a.sumsq, b.sumsq, rtol=1e-6)
+    assert torch.allclose(plain.block_influence, with_taylor.block_influence, rtol=1e-6)
+    assert plain.taylor is None and with_taylor.n_tokens == plain.n_tokens
+    for a, b in zip(with_taylor.taylor, st.taylor_scores(model, ids, batch_size=3)):
+        assert all(torch.allclose(a[k], b[k], rtol=1e-6) for k in ("attn", "kv", "mlp"))
+    assert all(p.grad is None for p in model.parameters())  # nothing left behind by the gradient pass
 
 
 def test_taylor_equals_first_order_of_the_full_batch_loss(tiny):
@@ -504,6 +519,60 @@ def test_lora_recovery_is_merged_into_an_ordinary_model(tiny):
     assert not torch.allclose(_logits(recovered, _ids(1, 8, seed=7)), before)
 
 
+def test_lora_runs_are_the_recoveries_they_name_trained_once(tiny, tmp_path, monkeypatch):
+    """lora_runs = lora_recover + perplexity (+ a greedy sample) per model and seed; a second call, and a fresh cache
+    seeded from the first, read the stored runs; other weights or another seed train."""
+    model, cal = tiny
+    small, _ = st.structured_prune(model, 0.3, "flap", calibration=cal)
+    train, held = _ids(16, 24, seed=8), _ids(2, 16, seed=9).flatten()
+    monkeypatch.setenv("PRUNING_LAB_SEEDS", "none")
+    kw = dict(seeds=[0, 1], steps=3, lr=1e-2, batch_size=4, eval_seq_len=16, eval_batch_size=2, sample=[5, 6, 7],
+              sample_tokens=4, pad_token_id=0, root=tmp_path / "cache", progress=False)
+    got = st.lora_runs({"pruned": small, "dense": model}, train, held, **kw)
+    assert [r["seed"] for r in got["pruned"]] == [0, 1] and [r["seed"] for r in got["dense"]] == [0, 1]
+    for name, m in (("pruned", small), ("dense", model)):
+        for r in got[name]:  # the same run by hand
+            losses = []
+            tuned = st.lora_recover(copy.deepcopy(m), train, steps=3, lr=1e-2, batch_size=4, seed=r["seed"],
+                                    losses=losses)
+            assert r["train_losses"] == pytest.approx(losses, rel=1e-6)
+            assert r["perplexity"] == pytest.approx(perplexity(tuned, held, seq_len=16, batch_size=2), rel=1e-6)
+            with torch.no_grad():
+                out = tuned.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False, pad_token_id=0)
+            assert r["sample"] == out[0, 3:].tolist()
+    assert got["pruned"][0]["perplexity"] != got["dense"][0]["perplexity"]
+    # cached: nothing is trained again, in this cache or in a fresh one seeded from it
+    monkeypatch.setattr(st, "_lora_run", lambda *a, **k: pytest.fail("trained a cached run again"))
+    assert st.lora_runs({"pruned": small, "dense": model}, train, held, **kw) == got
+    folder = st.lora_folder(train, held, root=tmp_path / "cache", steps=3, lr=1e-2, rank=8, alpha=16, batch_size=4,
+                            eval_seq_len=16, eval_batch_size=2, sample_tokens=4)
+    runs.write_seed(folder, tmp_path / "assets", weights=False)
+    monkeypatch.setenv("PRUNING_LAB_SEEDS", str(tmp_path / "assets"))
+    assert st.lora_runs({"pruned": small, "dense": model}, train, held, **(kw | {"root": tmp_path / "fresh"})) == got
+    # other weights (one value changed) or another seed: trained
+    other = copy.deepcopy(small)
+    with torch.no_grad():
+        other.model.layers[0].mlp.down_proj.weight[0, 0] += 1e-3
+    for models, seeds in (({"pruned": other}, [0]), ({"dense": model}, [2])):
+        with pytest.raises(pytest.fail.Exception, match="trained a cached run again"):
+            st.lora_runs(models, train, held, **(kw | {"seeds": seeds}))
+    with pytest.raises(ValueError, match="distinct LoRA seeds"):
+        st.lora_runs({"dense": model}, train, held, **(kw | {"seeds": [0, 0]}))
+    with pytest.raises(ValueError, match="models is empty"):
+        st.lora_runs({}, train, held, **kw)
+
+
+def test_a_model_fingerprint_sees_every_value():
+    model = tiny_llama(0)
+    fp = runs.fingerprint(model)
+    assert fp == runs.fingerprint(tiny_llama(0)) and len(fp) == 16
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight[3, 2] *= -1
+    assert runs.fingerprint(model) != fp
+    t = torch.arange(6)
+    assert runs.fingerprint(t) != runs.fingerprint(t.view(2, 3)) != runs.fingerprint(t.float())
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -712,3 +781,28 @@ def test_readme_quotes_the_committed_chapter_3_run():
             f"no further fall in its last quarter is shown (third against fourth quarter of the training-loss gap, "
             f"p = {lq['p_value']:.2g} over {lq['n']} seeds)") in readme
     assert f"layer 0 — the most fragile — {layer0['fragile_layers']['adaptive']['0'][1]} of 1,536 MLP channels" in readme
+
+
+def test_the_chapter_3_lora_seed_is_this_code_s_and_the_committed_run_s():
+    """The repository's seed of chapter 3's LoRA runs (assets/lora_recovery/) was computed by this code with these
+    library versions, and it holds the numbers the committed run recorded: otherwise a fresh clone trains the six runs
+    again (about 80 s over the chapter's budget) or shows numbers the committed notebook does not."""
+    import json
+
+    import peft
+    import transformers
+
+    reseed = ("rerun chapter 3 with PRUNING_LAB_SEEDS=none (python -m pruning_lab run 03), then replace the seed: "
+              "python -m pruning_lab seed <cache>/lora_recovery/<hash> (the folder the run wrote)")
+    folders = sorted((runs.SEED_ROOT / "lora_recovery").glob("*/seed.json"))
+    assert len(folders) == 1, f"one seed of chapter 3's LoRA runs expected, found {len(folders)}: {reseed}"
+    folder = folders[0].parent
+    spec = json.loads((folder / "hparams.json").read_text())
+    assert spec["code"] == st._lora_code(), f"the LoRA code changed since the seed was computed: {reseed}"
+    assert spec["versions"] == {"torch": torch.__version__, "transformers": transformers.__version__,
+                                "peft": peft.__version__}, reseed
+    seeded = [json.loads(f.read_text())["value"] for f in sorted((folder / "results").glob("run-*.json"))]
+    committed = json.loads((runs.SEED_ROOT.parent / "results" / "03_structured_llm.json").read_text())["lora"]
+    assert len(seeded) == 2 * len(committed["seeds"])
+    got = sorted(r["perplexity"] for r in seeded)
+    assert got == sorted(committed["perplexity_after"] + committed["dense_lora_perplexity"]), reseed
