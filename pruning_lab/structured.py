@@ -1100,14 +1100,16 @@ def lora_runs(models: dict[str, nn.Module], train_ids: torch.Tensor, eval_ids: t
     the hyperparameters, the library versions and the source of the code that trains and evaluates), keyed by the
     fingerprint of the model's weights and the seed, and written as soon as it is done (an interrupted call resumes).
     A fresh clone reads the repository's seed of the classroom runs (``assets/lora_recovery/``); to train them
-    again, set ``PRUNING_LAB_SEEDS=none`` and delete the cache folder (``folder(...)`` names it)."""
+    again, set ``PRUNING_LAB_SEEDS=none`` and delete the cache folder (``lora_folder(...)`` names it)."""
     if not models:
         raise ValueError("models is empty: give {name: model} for each model to recover.")
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds={seeds}: give one or more distinct LoRA seeds.")
-    train_ids, eval_ids = _check_ids(train_ids), eval_ids.reshape(1, -1) if eval_ids.ndim == 1 else eval_ids
-    _check_ids(eval_ids)
+    train_ids, eval_ids = _check_ids(train_ids), _check_ids(eval_ids.reshape(1, -1))
+    if eval_ids.shape[1] < eval_seq_len:
+        raise ValueError(f"eval_ids holds {eval_ids.shape[1]} tokens, fewer than one window of eval_seq_len="
+                         f"{eval_seq_len}: give more held-out tokens or a shorter window.")
     if steps < 1 or rank < 1 or lr <= 0 or batch_size < 1:
         raise ValueError(f"steps={steps}, rank={rank}, lr={lr}, batch_size={batch_size}: each must be positive.")
     folder = lora_folder(train_ids, eval_ids, steps=steps, lr=lr, rank=rank, alpha=alpha, batch_size=batch_size,

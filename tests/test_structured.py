@@ -560,6 +560,8 @@ def test_lora_runs_are_the_recoveries_they_name_trained_once(tiny, tmp_path, mon
         st.lora_runs({"dense": model}, train, held, **(kw | {"seeds": [0, 0]}))
     with pytest.raises(ValueError, match="models is empty"):
         st.lora_runs({}, train, held, **kw)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        st.lora_runs({"dense": model}, train, held[:15], **kw)
 
 
 def test_a_model_fingerprint_sees_every_value():
