@@ -50,7 +50,7 @@ from .eval import evaluate
 from .magnitude import global_magnitude_masks, masks_from_densities, prune_remaining
 from .masks import Masks, apply_masks, keep_masked, prunable_parameters, random_masks
 from .models import make_model
-from .runs import digest, flat_keys
+from .runs import claim_folder, digest
 from .stats import mean_std, paired
 from .train import TrainConfig, train
 
@@ -285,21 +285,7 @@ class LotteryRun:
 
     # ----------------------------------------------------------------- folder
     def _check_folder(self) -> None:
-        path = self.dir / "hparams.json"
-        mine = self.hp.to_dict()
-        if path.is_file():
-            try:
-                theirs = read_json(path)
-            except (OSError, ValueError) as e:
-                raise ValueError(f"{path} is unreadable ({e}); delete the folder {self.dir} or choose another.") from e
-            a, b = flat_keys(theirs), flat_keys(mine)
-            diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-            if diff:
-                listed = "; ".join(f"{k}: folder has {a.get(k)!r}, you asked {b.get(k)!r}" for k in diff)
-                raise ValueError(f"{self.dir} holds a run with different hyperparameters ({listed}). Refusing to "
-                                 "mix them: use another folder (or the default, which is named by the hash).")
-        else:
-            write_json(path, mine)
+        claim_folder(self.dir, self.hp.to_dict())
 
     @property
     def data(self) -> ImageData:

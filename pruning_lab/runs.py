@@ -55,6 +55,26 @@ def seed_root() -> Path | None:
     return SEED_ROOT
 
 
+def claim_folder(folder: Path, spec: dict) -> None:
+    """Write ``spec`` as ``folder/hparams.json``, or refuse (naming what differs) when the folder already holds a run
+    of other hyperparameters: two runs never mix in one folder."""
+    path = Path(folder) / "hparams.json"
+    mine = json.loads(json.dumps(spec))
+    if not path.is_file():
+        write_json(path, mine)
+        return
+    try:
+        theirs = read_json(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is unreadable ({e}); delete the folder {folder} or choose another.") from e
+    a, b = flat_keys(theirs), flat_keys(mine)
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if diff:
+        listed = "; ".join(f"{k}: folder has {a.get(k)!r}, you asked {b.get(k)!r}" for k in diff[:5])
+        raise ValueError(f"{folder} holds a run with different hyperparameters ({listed}). Refusing to mix them: use "
+                         "another folder (or the default, which is named by the hash).")
+
+
 class RunFolder:
     """A folder ``<cache>/<kind>/<hash>`` named by the hash of ``spec`` (a JSON-able dict of everything that determines
     what it holds): a trained model (``weights.safetensors`` + ``metrics.json``, written by a subclass such as
@@ -152,21 +172,7 @@ class RunFolder:
 
     def _check_folder(self) -> None:
         self._seed()
-        path = self.dir / "hparams.json"
-        mine = json.loads(json.dumps(self.spec))
-        if path.is_file():
-            try:
-                theirs = read_json(path)
-            except (OSError, ValueError) as e:
-                raise ValueError(f"{path} is unreadable ({e}); delete the folder {self.dir} or choose another.") from e
-            a, b = flat_keys(theirs), flat_keys(mine)
-            diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-            if diff:
-                listed = "; ".join(f"{k}: folder has {a.get(k)!r}, you asked {b.get(k)!r}" for k in diff[:5])
-                raise ValueError(f"{self.dir} holds a run with different hyperparameters ({listed}). Refusing to mix "
-                                 "them: use another folder (or the default, which is named by the hash).")
-        else:
-            write_json(path, mine)
+        claim_folder(self.dir, self.spec)
 
     @property
     def metrics(self) -> dict | None:
